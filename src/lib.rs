@@ -10,6 +10,7 @@
 
 #![allow(clippy::too_many_arguments)]
 
+pub mod bench;
 pub mod capi;
 pub mod checks;
 pub mod error;

@@ -8,10 +8,16 @@
 // alignment, device residency) and documents what the caller must guarantee.
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
 
+mod attention;
 mod context;
+mod moe;
 mod ops;
 
+#[allow(unused_imports)]
+pub use attention::*;
 pub use context::*;
+#[allow(unused_imports)]
+pub use moe::*;
 pub use ops::*;
 
 use crate::error::{Error, Result, Status};

@@ -4,7 +4,6 @@ use super::{check_dim, check_ptr, Backend, Context, Matrix, MatrixMut, Stream};
 use crate::error::{Error, Result};
 use crate::reference;
 use crate::runtime::sources::KernelSource;
-use std::ffi::c_void;
 
 pub static SOURCE: KernelSource = KernelSource {
     name: "gemv",
@@ -121,16 +120,7 @@ pub unsafe fn gemv(ctx: &Context, a: &GemvArgs, stream: Stream) -> Result<()> {
             let mut ys = y.row_stride as i64;
             let mut n = w.rows as i32;
             let mut k = x.cols as i32;
-            let mut args: [*mut c_void; 8] = [
-                &mut xp as *mut _ as *mut c_void,
-                &mut xs as *mut _ as *mut c_void,
-                &mut wp as *mut _ as *mut c_void,
-                &mut ws as *mut _ as *mut c_void,
-                &mut yp as *mut _ as *mut c_void,
-                &mut ys as *mut _ as *mut c_void,
-                &mut n as *mut _ as *mut c_void,
-                &mut k as *mut _ as *mut c_void,
-            ];
+            let mut args = crate::kernel_args![xp, xs, wp, ws, yp, ys, n, k];
             let blocks = w.rows.div_ceil(WARPS_PER_BLOCK) as u32;
             unsafe {
                 device.launch(

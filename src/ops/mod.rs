@@ -4,7 +4,9 @@
 //! Addresses are plain integers here: device addresses on a CUDA context, host addresses on the CPU
 //! backend. Every op validates its shapes, strides, alignment and buffer extents before launching.
 
+pub mod attention;
 pub mod gemv;
+pub mod moe;
 pub mod rmsnorm;
 mod tensor;
 
@@ -100,7 +102,10 @@ impl Context {
 
 /// Every kernel source with all the instantiations the library may launch (for `sparkinfer compile`).
 pub fn all_kernel_sources() -> Vec<&'static KernelSource> {
-    vec![&rmsnorm::SOURCE, &gemv::SOURCE]
+    let mut sources: Vec<&'static KernelSource> = vec![&rmsnorm::SOURCE, &gemv::SOURCE];
+    sources.extend(attention::kernel_sources());
+    sources.extend(moe::kernel_sources());
+    sources
 }
 
 /// Checks that a buffer pointer is non-NULL and aligned to `align` bytes.

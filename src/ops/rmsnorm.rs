@@ -4,7 +4,6 @@ use super::{check_dim, check_ptr, Backend, Context, Matrix, MatrixMut, Stream};
 use crate::error::{Error, Result};
 use crate::reference::{self, rmsnorm::WeightStyle};
 use crate::runtime::sources::KernelSource;
-use std::ffi::c_void;
 
 pub static SOURCE: KernelSource = KernelSource {
     name: "rmsnorm",
@@ -136,18 +135,7 @@ pub unsafe fn rmsnorm(ctx: &Context, a: &RmsNormArgs, stream: Stream) -> Result<
             let mut dim = c.x.cols as i32;
             let mut eps = a.eps;
             let mut w_offset = a.style.offset();
-            let mut args: [*mut c_void; 10] = [
-                &mut x as *mut _ as *mut c_void,
-                &mut x_stride as *mut _ as *mut c_void,
-                &mut res as *mut _ as *mut c_void,
-                &mut res_stride as *mut _ as *mut c_void,
-                &mut w as *mut _ as *mut c_void,
-                &mut out as *mut _ as *mut c_void,
-                &mut out_stride as *mut _ as *mut c_void,
-                &mut dim as *mut _ as *mut c_void,
-                &mut eps as *mut _ as *mut c_void,
-                &mut w_offset as *mut _ as *mut c_void,
-            ];
+            let mut args = crate::kernel_args![x, x_stride, res, res_stride, w, out, out_stride, dim, eps, w_offset];
             unsafe {
                 device.launch(&kernel, (c.x.rows as u32, 1, 1), (threads as u32, 1, 1), 0, stream.raw(), &mut args)
             }

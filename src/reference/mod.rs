@@ -3,7 +3,9 @@
 //! Straightforward code over contiguous row-major data, f32 arithmetic with f64 accumulation, rounded
 //! to the output type once, as the kernels do.
 
+pub mod attention;
 pub mod gemv;
+pub mod moe;
 pub mod rmsnorm;
 
 pub use half::bf16;

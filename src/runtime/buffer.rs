@@ -3,6 +3,7 @@
 
 use super::device::Device;
 use crate::error::{CudaContextExt, Result};
+use crate::ops::Stream;
 use cudarc::driver::sys;
 
 /// A device allocation freed on drop.
@@ -79,16 +80,12 @@ impl EventTimer {
         Ok(EventTimer { start, stop })
     }
 
-    /// # Safety
-    /// `stream` must be a valid stream of the timer's context.
-    pub unsafe fn start(&self, stream: sys::CUstream) -> Result<()> {
-        sys::cuEventRecord(self.start, stream).result().during("cuEventRecord")
+    pub fn start(&self, stream: Stream) -> Result<()> {
+        unsafe { sys::cuEventRecord(self.start, stream.raw()) }.result().during("cuEventRecord")
     }
 
-    /// # Safety
-    /// `stream` must be a valid stream of the timer's context.
-    pub unsafe fn stop(&self, stream: sys::CUstream) -> Result<()> {
-        sys::cuEventRecord(self.stop, stream).result().during("cuEventRecord")
+    pub fn stop(&self, stream: Stream) -> Result<()> {
+        unsafe { sys::cuEventRecord(self.stop, stream.raw()) }.result().during("cuEventRecord")
     }
 
     /// Waits for the stop event and returns the elapsed time in microseconds.

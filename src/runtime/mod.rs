@@ -11,3 +11,12 @@ pub mod sources;
 
 pub use device::{Device, DeviceInfo, Kernel};
 pub use graph::Graph;
+
+/// The argument array of a kernel launch, from mutable locals that outlive the launch call:
+/// `let mut args = kernel_args![x, stride, n];` then `device.launch(.., &mut args)`.
+#[macro_export]
+macro_rules! kernel_args {
+    ($($v:ident),* $(,)?) => {
+        [$(&mut $v as *mut _ as *mut ::std::ffi::c_void),*]
+    };
+}

@@ -1,26 +1,10 @@
-//! Op-level correctness checks on fresh random inputs: each op runs on the context's backend with its
-//! output poisoned first, and is compared with the oracle: `reference` for a CUDA context, the independent
-//! f64 formulas of [`crate::testing::naive`] for the CPU backend. Used by `sparkinfer check` and the GPU
-//! tests.
+//! Checks of RMSNorm and GEMV.
 
+use super::{dense_rows, f32s, padding_writes, CheckResult, ModelCheck};
 use crate::error::Result;
 use crate::ops::{gemv, rmsnorm, Backend, Context, Stream};
 use crate::reference::{self, bf16, rmsnorm::WeightStyle};
-use crate::testing::{Comparison, Rng, TestBuffer};
-
-fn f32s(v: &[bf16]) -> Vec<f32> {
-    reference::to_f32(v)
-}
-
-/// Elements of a strided `[rows, stride]` matrix that lie in the padding (columns ≥ cols) and no longer
-/// hold the 0xFFFF poison pattern: a kernel wrote outside its output.
-fn padding_writes(data: &[u16], rows: usize, cols: usize, stride: usize) -> usize {
-    (0..rows).flat_map(|r| (cols..stride).map(move |c| r * stride + c)).filter(|&i| data[i] != 0xffff).count()
-}
-
-fn dense_rows(data: &[bf16], rows: usize, cols: usize, stride: usize) -> Vec<bf16> {
-    (0..rows).flat_map(|r| data[r * stride..r * stride + cols].iter().copied()).collect()
-}
+use crate::testing::{Comparison, Rng, TestBuffer, BF16_TOL, F32_TOL};
 
 #[derive(Clone, Copy, Debug)]
 pub struct RmsNormCase {
@@ -32,21 +16,6 @@ pub struct RmsNormCase {
     pub pad: usize,
     /// Write the output over x.
     pub in_place: bool,
-}
-
-#[derive(Clone, Copy, Debug)]
-pub struct CheckResult {
-    pub out: Comparison,
-    /// The residual written back, when the case has one.
-    pub residual: Option<Comparison>,
-    /// Elements written outside the outputs' rows.
-    pub stray_writes: usize,
-}
-
-impl CheckResult {
-    pub fn passes(&self, tol: f64) -> bool {
-        self.out.passes(tol) && self.residual.is_none_or(|r| r.passes(tol)) && self.stray_writes == 0
-    }
 }
 
 pub fn check_rmsnorm(ctx: &Context, stream: Stream, c: &RmsNormCase, seed: u64) -> Result<CheckResult> {
@@ -201,4 +170,56 @@ pub fn check_gemv(ctx: &Context, stream: Stream, c: &GemvCase, seed: u64) -> Res
         }
     };
     Ok(CheckResult { out: Comparison::new(&y, &want), residual: None, stray_writes })
+}
+
+/// (label, rows, dim, style): hidden states and per-head q/k norms of Qwen3.5-35B-A3B and Gemma 4 26B-A4B.
+const RMSNORM_SHAPES: &[(&str, usize, usize, WeightStyle)] = &[
+    ("qwen3.5 hidden", 1, 2048, WeightStyle::OffsetOne),
+    ("qwen3.5 hidden", 64, 2048, WeightStyle::OffsetOne),
+    ("qwen3.5 q-norm (16 heads x 256)", 16, 256, WeightStyle::OffsetOne),
+    ("gemma4 hidden", 1, 2816, WeightStyle::Plain),
+    ("gemma4 hidden", 7, 2816, WeightStyle::Plain),
+    ("gemma4 global q-norm (hd 512)", 16, 512, WeightStyle::Plain),
+    ("largest dim", 3, 16384, WeightStyle::Plain),
+];
+
+/// (label, n, k, out): projections of the two models at decode.
+const GEMV_SHAPES: &[(&str, usize, usize, gemv::OutType)] = &[
+    ("qwen3.5 router 256x2048", 256, 2048, gemv::OutType::F32),
+    ("qwen3.5 q+gate 8192x2048", 8192, 2048, gemv::OutType::Bf16),
+    ("qwen3.5 o_proj 2048x4096", 2048, 4096, gemv::OutType::Bf16),
+    ("lm-head slice 31040x2048", 31040, 2048, gemv::OutType::Bf16),
+    ("gemma4 router 128x2816", 128, 2816, gemv::OutType::F32),
+    ("gemma4 q_proj 4096x2816", 4096, 2816, gemv::OutType::Bf16),
+    ("gemma4 dense up 2112x2816", 2112, 2816, gemv::OutType::Bf16),
+];
+
+pub fn model_checks(cpu: bool) -> Vec<ModelCheck> {
+    let mut checks = Vec::new();
+    for &(label, rows, dim, style) in RMSNORM_SHAPES {
+        for residual in [false, true] {
+            let case = RmsNormCase { rows, dim, style, residual, pad: 0, in_place: false };
+            checks.push(ModelCheck {
+                op: "rmsnorm",
+                shape: format!("{label} [{rows}x{dim}]"),
+                variant: format!("{style:?}{}", if residual { "+residual" } else { "" }),
+                tol: BF16_TOL,
+                run: Box::new(move |ctx, stream, seed| check_rmsnorm(ctx, stream, &case, seed)),
+            });
+        }
+    }
+    let ms: &[usize] = if cpu { &[1, 3] } else { &[1, 2, 7, 16] };
+    for &(label, n, k, out_type) in GEMV_SHAPES {
+        for &m in ms {
+            let case = GemvCase { m, n, k, out_type, pad: 0 };
+            checks.push(ModelCheck {
+                op: "gemv",
+                shape: label.to_string(),
+                variant: format!("M={m} {out_type:?} out"),
+                tol: if out_type == gemv::OutType::F32 { F32_TOL } else { BF16_TOL },
+                run: Box::new(move |ctx, stream, seed| check_gemv(ctx, stream, &case, seed)),
+            });
+        }
+    }
+    checks
 }

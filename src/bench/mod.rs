@@ -1,0 +1,148 @@
+//! GPU benchmark machinery behind `sparkinfer bench`: rotating input copies, CUDA-event timing, the copy
+//! bandwidth reference, and one module of timed rows per kernel family.
+//!
+//! Method (DESIGN.md, Benchmarks): every launch is bracketed by its own event pair, all launches are
+//! queued back to back and read after one synchronisation, warm-up first, median reported; inputs rotate
+//! through enough copies that the working set is at least twice the L2.
+
+pub mod attention;
+pub mod foundation;
+pub mod moe;
+
+use crate::error::{CudaContextExt, Result};
+use crate::ops::{Context, Stream};
+use crate::runtime::buffer::{DeviceBuffer, EventTimer};
+use crate::runtime::Device;
+use crate::testing::Rng;
+use cudarc::driver::sys;
+
+/// One timed row.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub op: String,
+    pub shape: String,
+    /// Median device time per launch.
+    pub us: f64,
+    /// Bytes the op must move at least (each input read once, each output written once).
+    pub bytes: f64,
+}
+
+impl Row {
+    pub fn gbps(&self) -> f64 {
+        self.bytes / self.us / 1e3
+    }
+}
+
+/// What every timed row needs: the context, its stream, the run length and a generator.
+pub struct Bench<'a> {
+    pub ctx: &'a Context,
+    pub device: &'a Device,
+    /// A valid stream of `device`.
+    pub stream: Stream,
+    pub iters: usize,
+    pub rng: Rng,
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+/// `copies` copies of one tensor of `bytes` bytes, each starting on a 256-byte boundary.
+pub struct Rotating<'a> {
+    buf: DeviceBuffer<'a>,
+    pitch: usize,
+    copies: usize,
+}
+
+impl<'a> Rotating<'a> {
+    /// Copies of random bf16 values drawn from N(0, 1).
+    pub fn bf16(device: &'a Device, elems: usize, copies: usize, rng: &mut Rng) -> Result<Self> {
+        Self::from_bytes(device, bytemuck_bf16(&rng.bf16_normal(elems, 1.0)), copies)
+    }
+
+    /// Copies of the given bytes.
+    pub fn from_bytes(device: &'a Device, data: &[u8], copies: usize) -> Result<Self> {
+        let pitch = data.len().div_ceil(256).max(1) * 256;
+        let buf = DeviceBuffer::new(device, pitch * copies)?;
+        buf.upload(data)?;
+        for c in 1..copies {
+            unsafe { device.copy(buf.ptr() + (c * pitch) as u64, buf.ptr(), data.len())? };
+        }
+        Ok(Rotating { buf, pitch, copies })
+    }
+
+    /// Uninitialised output copies of `bytes` bytes (poisoned, so a bug shows as NaN if ever read).
+    pub fn output(device: &'a Device, bytes: usize, copies: usize) -> Result<Self> {
+        let pitch = bytes.div_ceil(256).max(1) * 256;
+        let buf = DeviceBuffer::new(device, pitch * copies)?;
+        buf.poison()?;
+        Ok(Rotating { buf, pitch, copies })
+    }
+
+    /// Address of copy `i` (modulo the number of copies).
+    pub fn ptr(&self, i: usize) -> u64 {
+        self.buf.ptr() + ((i % self.copies) * self.pitch) as u64
+    }
+}
+
+fn bytemuck_bf16(v: &[crate::reference::bf16]) -> &[u8] {
+    // bf16 is a plain 16-bit value with no padding.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
+/// Copies needed so that sets of `bytes_per_set` bytes span at least twice the L2.
+pub fn copies_for(device: &Device, bytes_per_set: usize) -> usize {
+    (2 * device.info.l2_bytes as usize).div_ceil(bytes_per_set.max(1)).clamp(1, 4096) + 1
+}
+
+/// Median device time of `launch(i)` in µs over `iters` launches, after a warm-up.
+pub fn time_launches(
+    device: &Device,
+    stream: Stream,
+    iters: usize,
+    mut launch: impl FnMut(usize) -> Result<()>,
+) -> Result<f64> {
+    for i in 0..iters.min(20) {
+        launch(i)?;
+    }
+    let timers: Vec<EventTimer> = (0..iters).map(|_| EventTimer::new(device)).collect::<Result<_>>()?;
+    for (i, t) in timers.iter().enumerate() {
+        t.start(stream)?;
+        launch(i)?;
+        t.stop(stream)?;
+    }
+    Ok(median(timers.iter().map(|t| t.elapsed_us()).collect::<Result<_>>()?))
+}
+
+/// Device-to-device copy bandwidth in GB/s, counting bytes read and written (1 GiB each way).
+pub fn copy_bandwidth(device: &Device, stream: Stream) -> Result<f64> {
+    let bytes = 1usize << 30;
+    let a = DeviceBuffer::new(device, bytes)?;
+    let b = DeviceBuffer::new(device, bytes)?;
+    let us = time_launches(device, stream, 20, |_| {
+        unsafe { sys::cuMemcpyDtoDAsync_v2(b.ptr(), a.ptr(), bytes, stream.raw()) }.result().during("cuMemcpyDtoDAsync")
+    })?;
+    Ok(2.0 * bytes as f64 / us / 1e3)
+}
+
+/// Every family's rows, in the order they print.
+pub fn all_rows(b: &mut Bench) -> Result<Vec<Row>> {
+    let mut rows = foundation::rows(b)?;
+    rows.extend(attention::rows(b)?);
+    rows.extend(moe::rows(b)?);
+    Ok(rows)
+}
+
+/// Named extra figures (launch overheads), in µs.
+pub fn extra_figures(b: &mut Bench) -> Result<Vec<(String, f64)>> {
+    foundation::launch_overhead(b)
+}

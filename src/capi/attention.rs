@@ -1,0 +1,1 @@
+//! C API of the attention kernels (being written).

@@ -1,0 +1,1 @@
+//! C API of the moe kernels (being written).

@@ -1,0 +1,1 @@
+//! CPU reference of the attention kernels (being written).

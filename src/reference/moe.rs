@@ -1,0 +1,1 @@
+//! CPU reference of the moe kernels (being written).

@@ -70,6 +70,26 @@ SPK_DEVICE uint4 load_u128(const void* p) { return *reinterpret_cast<const uint4
 SPK_DEVICE void store_u128(void* p, const uint4& v) { *reinterpret_cast<uint4*>(p) = v; }
 
 // ---------------------------------------------------------------------------------------------------------
+// Programmatic dependent launch (sm_90 and newer; a no-op before)
+// ---------------------------------------------------------------------------------------------------------
+// Kernels launched with Device::launch_dependent may start while the previous kernel on the stream is still
+// finishing. Such a kernel calls pdl_wait() before its first global memory access (read or write): it
+// returns once the previous grid has completed and its writes are visible, so ordering is exactly that
+// of a plain stream. pdl_launch_dependents() then lets the next kernel's blocks get scheduled early;
+// the next kernel still waits for this one to complete before touching memory.
+SPK_DEVICE void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+SPK_DEVICE void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Reductions
 // ---------------------------------------------------------------------------------------------------------
 SPK_DEVICE float warp_reduce_sum(float v) {

@@ -1,11 +1,10 @@
 //! Rows for GEMV and RMSNorm, and the launch-overhead figures.
 
-use super::{copies_for, time_launches, Bench, Rotating, Row};
+use super::{copies_for, time_isolated, time_launches, Bench, Rotating, Row};
 use crate::error::Result;
 use crate::ops::gemv::{self, GemvArgs, OutType};
 use crate::ops::rmsnorm::{self, RmsNormArgs};
 use crate::reference::rmsnorm::WeightStyle;
-use crate::runtime::graph;
 
 /// (m, n, k, out): the decode shapes, the routers, a Gemma 4 projection and skinny batches.
 const GEMV_SHAPES: &[(usize, usize, usize, OutType)] = &[
@@ -103,7 +102,8 @@ pub fn rows(b: &mut Bench) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// Host µs per launch call (kernel cached), and device µs per op replayed inside a graph of 100 ops.
+/// Host µs per launch call (kernel cached); device µs of a lone launch (event pair, launch latency
+/// included) for the small RMSNorm and a mid-size GEMV, beside their in-graph rows.
 pub fn launch_overhead(b: &mut Bench) -> Result<Vec<(String, f64)>> {
     let (rows, dim) = (1usize, 2048usize);
     let x = Rotating::bf16(b.device, rows * dim, 1, &mut b.rng)?;
@@ -120,16 +120,32 @@ pub fn launch_overhead(b: &mut Bench) -> Result<Vec<(String, f64)>> {
     }
     let host_us = started.elapsed().as_secs_f64() * 1e6 / calls as f64;
     stream.synchronize(b.ctx)?;
+    let lone_rmsnorm = time_isolated(b.device, stream, b.iters, |_| unsafe { rmsnorm::rmsnorm(b.ctx, &args, stream) })?;
 
-    let ops_per_graph = 100;
-    unsafe { graph::begin_capture(b.device, b.stream.raw())? };
-    let captured: Result<()> = (0..ops_per_graph).try_for_each(|_| unsafe { rmsnorm::rmsnorm(b.ctx, &args, stream) });
-    let graph = unsafe { graph::end_capture(b.device, b.stream.raw()) };
-    captured?;
-    let graph = graph?;
-    let us = time_launches(b.device, b.stream, 50, |_| unsafe { graph.launch(b.device, b.stream.raw()) })?;
+    let (n, k) = (8192usize, 2048usize);
+    let copies = copies_for(b.device, n * k * 2);
+    let wg = Rotating::bf16(b.device, n * k, copies, &mut b.rng)?;
+    let xg = Rotating::bf16(b.device, k, copies, &mut b.rng)?;
+    let yg = Rotating::output(b.device, n * 2, copies)?;
+    let ctx = b.ctx;
+    let lone_gemv = time_isolated(b.device, stream, b.iters, |i| {
+        let args = GemvArgs {
+            x: xg.ptr(i),
+            x_row_stride: 0,
+            w: wg.ptr(i),
+            w_row_stride: 0,
+            y: yg.ptr(i),
+            y_row_stride: 0,
+            m: 1,
+            n: n as i64,
+            k: k as i64,
+            out_type: OutType::Bf16,
+        };
+        unsafe { gemv::gemv(ctx, &args, stream) }
+    })?;
     Ok(vec![
         ("launch host time per call, rmsnorm 1x2048".to_string(), host_us),
-        ("graph replay time per op, rmsnorm 1x2048".to_string(), us / ops_per_graph as f64),
+        ("lone launch device time, rmsnorm 1x2048".to_string(), lone_rmsnorm),
+        ("lone launch device time, gemv M=1 8192x2048".to_string(), lone_gemv),
     ])
 }

@@ -1,9 +1,10 @@
 //! GPU benchmark machinery behind `sparkinfer bench`: rotating input copies, CUDA-event timing, the copy
 //! bandwidth reference, and one module of timed rows per kernel family.
 //!
-//! Method (DESIGN.md, Benchmarks): every launch is bracketed by its own event pair, all launches are
-//! queued back to back and read after one synchronisation, warm-up first, median reported; inputs rotate
-//! through enough copies that the working set is at least twice the L2.
+//! Method (DESIGN.md, Benchmarks): warm-up first; then the launches are captured into a CUDA graph, as an
+//! engine runs its decode step, and the median replay time (CUDA events) divided by the launch count is
+//! the time per op; inputs rotate through enough copies that the working set is at least twice the L2.
+//! `time_isolated` gives the time of a lone launch, launch latency included.
 
 pub mod attention;
 pub mod foundation;
@@ -12,7 +13,7 @@ pub mod moe;
 use crate::error::{CudaContextExt, Result};
 use crate::ops::{Context, Stream};
 use crate::runtime::buffer::{DeviceBuffer, EventTimer};
-use crate::runtime::Device;
+use crate::runtime::{graph, Device};
 use crate::testing::Rng;
 use cudarc::driver::sys;
 
@@ -104,8 +105,41 @@ pub fn copies_for(device: &Device, bytes_per_set: usize) -> usize {
     (2 * device.info.l2_bytes as usize).div_ceil(bytes_per_set.max(1)).clamp(1, 4096) + 1
 }
 
-/// Median device time of `launch(i)` in µs over `iters` launches, after a warm-up.
+/// Device time per launch in µs, as an op runs inside a decode graph: `launch(0..iters)` is captured
+/// into one CUDA graph (global mode, which also proves the op capturable), the graph is replayed, and
+/// the median replay time is divided by `iters`. Warm-up launches run first, outside the capture, so
+/// that kernels are compiled and loaded.
 pub fn time_launches(
+    device: &Device,
+    stream: Stream,
+    iters: usize,
+    mut launch: impl FnMut(usize) -> Result<()>,
+) -> Result<f64> {
+    let iters = iters.max(1);
+    for i in 0..iters.min(20) {
+        launch(i)?;
+    }
+    unsafe { graph::begin_capture(device, stream.raw())? };
+    let captured: Result<()> = (0..iters).try_for_each(&mut launch);
+    let graph = unsafe { graph::end_capture(device, stream.raw()) };
+    captured?;
+    let graph = graph?;
+    let replay = || unsafe { graph.launch(device, stream.raw()) };
+    replay()?;
+    let timers: Vec<EventTimer> = (0..7).map(|_| EventTimer::new(device)).collect::<Result<_>>()?;
+    for t in &timers {
+        t.start(stream)?;
+        replay()?;
+        t.stop(stream)?;
+    }
+    let per_replay = median(timers.iter().map(|t| t.elapsed_us()).collect::<Result<_>>()?);
+    Ok(per_replay / iters as f64)
+}
+
+/// Median device time in µs of `launch(i)` issued on its own, bracketed by an event pair per launch
+/// (all queued back to back, read after one synchronisation). Includes the launch latency that a graph
+/// hides.
+pub fn time_isolated(
     device: &Device,
     stream: Stream,
     iters: usize,
@@ -128,7 +162,8 @@ pub fn copy_bandwidth(device: &Device, stream: Stream) -> Result<f64> {
     let bytes = 1usize << 30;
     let a = DeviceBuffer::new(device, bytes)?;
     let b = DeviceBuffer::new(device, bytes)?;
-    let us = time_launches(device, stream, 20, |_| {
+    // Lone copies: at 1 GiB their launch latency is negligible, and graph memcpy nodes run slower.
+    let us = time_isolated(device, stream, 20, |_| {
         unsafe { sys::cuMemcpyDtoDAsync_v2(b.ptr(), a.ptr(), bytes, stream.raw()) }.result().during("cuMemcpyDtoDAsync")
     })?;
     Ok(2.0 * bytes as f64 / us / 1e3)

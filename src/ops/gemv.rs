@@ -121,17 +121,11 @@ pub unsafe fn gemv(ctx: &Context, a: &GemvArgs, stream: Stream) -> Result<()> {
             let mut n = w.rows as i32;
             let mut k = x.cols as i32;
             let mut args = crate::kernel_args![xp, xs, wp, ws, yp, ys, n, k];
-            let blocks = w.rows.div_ceil(WARPS_PER_BLOCK) as u32;
-            unsafe {
-                device.launch(
-                    &kernel,
-                    (blocks, 1, 1),
-                    ((WARPS_PER_BLOCK * 32) as u32, 1, 1),
-                    0,
-                    stream.raw(),
-                    &mut args,
-                )
-            }
+            // Persistent warps: no more blocks than run at once (the kernel loops over rows).
+            let threads = (WARPS_PER_BLOCK * 32) as u32;
+            let resident = device.info.sm_count as u32 * kernel.blocks_per_sm(threads, 0)?;
+            let blocks = (w.rows.div_ceil(WARPS_PER_BLOCK) as u32).min(resident);
+            unsafe { device.launch_dependent(&kernel, (blocks, 1, 1), (threads, 1, 1), 0, stream.raw(), &mut args) }
         }
     }
 }

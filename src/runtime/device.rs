@@ -37,6 +37,8 @@ pub struct Kernel {
     _module: Arc<CudaModule>,
     func: sys::CUfunction,
     pub lowered_name: String,
+    /// Resident blocks per SM at the block size and shared memory of the first query.
+    occupancy: std::sync::OnceLock<u32>,
 }
 
 // The CUfunction handle is immutable once loaded and valid on any thread of the context.
@@ -44,6 +46,26 @@ unsafe impl Send for Kernel {}
 unsafe impl Sync for Kernel {}
 
 impl Kernel {
+    /// Blocks of `block_threads` threads and `shared_bytes` dynamic shared memory that one SM holds at
+    /// once. Computed on first use and kept: each kernel launches with one fixed block shape.
+    pub fn blocks_per_sm(&self, block_threads: u32, shared_bytes: u32) -> Result<u32> {
+        if let Some(&n) = self.occupancy.get() {
+            return Ok(n);
+        }
+        let mut n = 0i32;
+        unsafe {
+            sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(
+                &mut n,
+                self.func,
+                block_threads as i32,
+                shared_bytes as usize,
+            )
+        }
+        .result()
+        .during("cuOccupancyMaxActiveBlocksPerMultiprocessor")?;
+        Ok(*self.occupancy.get_or_init(|| n.max(1) as u32))
+    }
+
     /// Lets the kernel use more than 48 KiB of dynamic shared memory.
     pub fn set_max_dynamic_shared(&self, bytes: u32) -> Result<()> {
         let rc = unsafe {
@@ -185,7 +207,7 @@ impl Device {
         let m =
             self.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(module.cubin.clone())).during("cuModuleLoadData")?;
         let f = m.load_function(&lowered).during("cuModuleGetFunction")?;
-        Ok(Kernel { func: f.cu_function(), _module: m, lowered_name: lowered })
+        Ok(Kernel { func: f.cu_function(), _module: m, lowered_name: lowered, occupancy: std::sync::OnceLock::new() })
     }
 
     /// Launches `kernel` on the caller's stream. `args` points at each kernel argument in order.
@@ -218,6 +240,47 @@ impl Device {
         )
         .result()
         .during(&format!("cuLaunchKernel({})", kernel.lowered_name))
+    }
+
+    /// Launches `kernel` on the caller's stream with programmatic stream serialisation (sm_90 and newer):
+    /// the kernel may be scheduled while the previous kernel on the stream finishes, which hides most of
+    /// its launch latency in a chain of kernels. Only for kernels that call `pdl_wait()` (common.cuh)
+    /// before any global memory access; ordering is then that of a plain launch. Before sm_90 this is
+    /// [`Device::launch`].
+    ///
+    /// # Safety
+    /// As [`Device::launch`], and the kernel must begin with `pdl_wait()`.
+    pub unsafe fn launch_dependent(
+        &self,
+        kernel: &Kernel,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_bytes: u32,
+        stream: sys::CUstream,
+        args: &mut [*mut c_void],
+    ) -> Result<()> {
+        if self.info.cc_major < 9 {
+            return self.launch(kernel, grid, block, shared_bytes, stream, args);
+        }
+        self.bind()?;
+        let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block.0,
+            blockDimY: block.1,
+            blockDimZ: block.2,
+            sharedMemBytes: shared_bytes,
+            hStream: stream,
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        sys::cuLaunchKernelEx(&config, kernel.func, args.as_mut_ptr(), std::ptr::null_mut())
+            .result()
+            .during(&format!("cuLaunchKernelEx({})", kernel.lowered_name))
     }
 
     /// Checks that `[ptr, ptr + bytes)` is memory this device can access: device, managed or

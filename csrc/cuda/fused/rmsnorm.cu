@@ -15,6 +15,8 @@ __global__ void __launch_bounds__(256, 1) rmsnorm_kernel(const bf16_t* __restric
                                                       const bf16_t* __restrict__ weight, bf16_t* out,
                                                       i64 out_row_stride, int dim, float eps, float w_offset) {
     __shared__ float scratch[32];
+    pdl_wait();
+    pdl_launch_dependents();
     const i64 row = blockIdx.x;
     const int num_vec = dim >> 3;
     const bf16_t* x_row = x + row * x_row_stride;

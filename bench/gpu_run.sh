@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine over the binaries that bench/stage.sh put in .gpu/: every GPU test, the model
+# checks, the benchmark, the PyTorch comparison and (with SANITIZE=1) compute-sanitizer. Full logs go to
+# $OUT; a short summary prints last.
+#   bash bench/gpu_run.sh [tests|check|bench|compare|sanitize]...   (default: tests check bench compare)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/sparkinfer-out}
+mkdir -p "$OUT"
+export SPARKINFER_CACHE_DIR=${SPARKINFER_CACHE_DIR:-/tmp/sparkinfer-cache}
+export PYTHONUNBUFFERED=1
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(tests check bench compare)
+summary=()
+
+run_step() { # name, command...
+  local name=$1; shift
+  local start=$SECONDS
+  "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  summary+=("$(printf '%-34s rc=%-3s %4ss' "$name" "$rc" "$((SECONDS - start))")")
+  return $rc
+}
+
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+.gpu/sparkinfer info
+
+for step in "${steps[@]}"; do
+  case $step in
+    tests)
+      for t in .gpu/tests/*; do
+        run_step "test-$(basename "$t")" "$t" --include-ignored --test-threads=1
+        grep -E "^test result|FAILED|panicked" "$OUT/test-$(basename "$t").log" | head -20
+      done ;;
+    check) run_step check .gpu/sparkinfer check; tail -5 "$OUT/check.log"; grep FAIL "$OUT/check.log" | head -20 ;;
+    bench) run_step bench .gpu/sparkinfer bench --json "$OUT/bench.json"; cat "$OUT/bench.log" ;;
+    compare) run_step compare python3 bench/compare.py --lib .gpu/libsparkinfer.so; cat "$OUT/compare.log" ;;
+    sanitize)
+      for tool in memcheck racecheck; do
+        for t in .gpu/tests/gpu_*; do
+          run_step "$tool-$(basename "$t")" compute-sanitizer --tool "$tool" --error-exitcode 9 "$t" --include-ignored --test-threads=1 ${SANITIZE_FILTER:-}
+          grep -E "ERROR SUMMARY|^test result" "$OUT/$tool-$(basename "$t").log" | head -5
+        done
+      done ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+done
+echo "== summary =="
+printf '%s\n' "${summary[@]}"

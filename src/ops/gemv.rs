@@ -16,6 +16,14 @@ pub static SOURCE: KernelSource = KernelSource {
 pub const MAX_M: i64 = 16;
 /// Warps (= rows of W) per block, as GEMV_WARPS in the kernel.
 const WARPS_PER_BLOCK: usize = 8;
+/// Rows of W per warp (the kernel's GEMV_ROWS): two once x's reloads from L1 dominate.
+fn rows_per_warp(m: usize) -> usize {
+    if m >= 8 {
+        2
+    } else {
+        1
+    }
+}
 
 /// Element type of `y`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,7 +48,7 @@ impl OutType {
 }
 
 fn name_expr(m: usize, out: OutType) -> String {
-    format!("gemv_kernel<{m}, {}>", out.cuda_name())
+    format!("gemv_kernel<{m}, {}, {}>", rows_per_warp(m), out.cuda_name())
 }
 
 fn instantiations() -> Vec<String> {
@@ -121,10 +129,8 @@ pub unsafe fn gemv(ctx: &Context, a: &GemvArgs, stream: Stream) -> Result<()> {
             let mut n = w.rows as i32;
             let mut k = x.cols as i32;
             let mut args = crate::kernel_args![xp, xs, wp, ws, yp, ys, n, k];
-            // Persistent warps: no more blocks than run at once (the kernel loops over rows).
             let threads = (WARPS_PER_BLOCK * 32) as u32;
-            let resident = device.info.sm_count as u32 * kernel.blocks_per_sm(threads, 0)?;
-            let blocks = (w.rows.div_ceil(WARPS_PER_BLOCK) as u32).min(resident);
+            let blocks = w.rows.div_ceil(WARPS_PER_BLOCK * rows_per_warp(x.rows)) as u32;
             unsafe { device.launch_dependent(&kernel, (blocks, 1, 1), (threads, 1, 1), 0, stream.raw(), &mut args) }
         }
     }

@@ -137,7 +137,14 @@ pub unsafe fn rmsnorm(ctx: &Context, a: &RmsNormArgs, stream: Stream) -> Result<
             let mut w_offset = a.style.offset();
             let mut args = crate::kernel_args![x, x_stride, res, res_stride, w, out, out_stride, dim, eps, w_offset];
             unsafe {
-                device.launch_dependent(&kernel, (c.x.rows as u32, 1, 1), (threads as u32, 1, 1), 0, stream.raw(), &mut args)
+                device.launch_dependent(
+                    &kernel,
+                    (c.x.rows as u32, 1, 1),
+                    (threads as u32, 1, 1),
+                    0,
+                    stream.raw(),
+                    &mut args,
+                )
             }
         }
     }

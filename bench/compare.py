@@ -19,6 +19,7 @@ import torch
 
 SUCCESS = 0
 DTYPE_BF16, DTYPE_F32 = 0, 1
+GEMV_WEIGHTS_STATIC = 1
 WEIGHT_STYLE_OFFSET_ONE = 1
 
 
@@ -39,7 +40,7 @@ class GemvParams(ctypes.Structure):
         ("w", ctypes.c_void_p), ("w_row_stride", ctypes.c_int64),
         ("y", ctypes.c_void_p), ("y_row_stride", ctypes.c_int64),
         ("m", ctypes.c_int64), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
-        ("y_dtype", ctypes.c_int32),
+        ("y_dtype", ctypes.c_int32), ("flags", ctypes.c_int32),
     ]
 
 
@@ -91,13 +92,13 @@ def stream_ptr():
     return ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
 
 
-def gemv_case(lib, ctx, m, n, k):
+def gemv_case(lib, ctx, m, n, k, flags=0):
     set_bytes = (n * k + m * k + m * n) * 2
     copies = copies_for(set_bytes)
     ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5 for _ in range(copies)]
     xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
     ys = [torch.empty(m, n, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
-    params = [GemvParams(xs[i].data_ptr(), 0, ws[i].data_ptr(), 0, ys[i].data_ptr(), 0, m, n, k, DTYPE_BF16)
+    params = [GemvParams(xs[i].data_ptr(), 0, ws[i].data_ptr(), 0, ys[i].data_ptr(), 0, m, n, k, DTYPE_BF16, flags)
               for i in range(copies)]
 
     def ours(i):
@@ -112,7 +113,8 @@ def gemv_case(lib, ctx, m, n, k):
     err = ((ys[0].float() - want).norm() / want.norm()).item()
     if not err <= 1e-2:
         raise RuntimeError(f"gemv {m}x{n}x{k}: relative error {err}")
-    return f"gemv M={m} {n}x{k}", time_us(ours, copies), time_us(theirs, copies)
+    name = f"gemv M={m} {n}x{k}" + (" static-W" if flags & GEMV_WEIGHTS_STATIC else "")
+    return name, time_us(ours, copies), time_us(theirs, copies)
 
 
 def rmsnorm_case(lib, ctx, rows, dim):
@@ -147,6 +149,8 @@ def main():
     rows = []
     for m, n, k in [(1, 2048, 2048), (1, 8192, 2048), (1, 31040, 2048), (4, 8192, 2048)]:
         rows.append(gemv_case(lib, ctx, m, n, k))
+    for m, n, k in [(1, 2048, 2048), (1, 8192, 2048), (1, 31040, 2048)]:
+        rows.append(gemv_case(lib, ctx, m, n, k, GEMV_WEIGHTS_STATIC))
     for r, d in [(1, 2048), (64, 2048)]:
         rows.append(rmsnorm_case(lib, ctx, r, d))
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -83,6 +83,7 @@ int main(void) {
     proj.n = N;
     proj.k = DIM;
     proj.y_dtype = SPARKINFER_DTYPE_F32;
+    proj.flags = SPARKINFER_GEMV_WEIGHTS_STATIC; /* model weights: never written during decode */
     CHECK(sparkinfer_rmsnorm(ctx, &norm, stream));
     CHECK(sparkinfer_gemv(ctx, &proj, stream));
     CHECK(sparkinfer_stream_synchronize(ctx, stream));

@@ -233,6 +233,7 @@ fn gemv_bad_arguments() {
         n,
         k,
         y_dtype: SPARKINFER_DTYPE_F32,
+        flags: 0,
     };
     assert_eq!(sparkinfer_gemv(cpu.0, &good, null_mut()), SPARKINFER_STATUS_SUCCESS, "{}", last_error());
     let run = |p: sparkinfer_gemv_params| sparkinfer_gemv(cpu.0, &p, null_mut());
@@ -249,6 +250,11 @@ fn gemv_bad_arguments() {
     expect(run(sparkinfer_gemv_params { k: 36, ..good }), INVALID, "k: 36 is not a multiple of 8");
     expect(run(sparkinfer_gemv_params { k: 1 << 40, ..good }), INVALID, "k:");
     expect(run(sparkinfer_gemv_params { y_dtype: 5, ..good }), INVALID, "y_dtype");
+    expect(run(sparkinfer_gemv_params { flags: 6, ..good }), INVALID, "flags");
+    assert_eq!(
+        run(sparkinfer_gemv_params { flags: SPARKINFER_GEMV_WEIGHTS_STATIC, ..good }),
+        SPARKINFER_STATUS_SUCCESS
+    );
     expect(run(sparkinfer_gemv_params { w: (w.ptr() as usize + 4) as *const c_void, ..good }), INVALID, "w: address");
     expect(run(sparkinfer_gemv_params { y: (y.ptr() as usize + 2) as *mut c_void, ..good }), INVALID, "y: address");
     expect(run(sparkinfer_gemv_params { w_row_stride: 36, ..good }), INVALID, "w: row stride");
@@ -317,6 +323,7 @@ fn cpu_backend_ops_through_the_c_functions() {
         n: n as i64,
         k: k as i64,
         y_dtype: SPARKINFER_DTYPE_F32,
+        flags: 0,
     };
     assert_eq!(sparkinfer_gemv(cpu.0, &gp, null_mut()), SPARKINFER_STATUS_SUCCESS, "{}", last_error());
     assert_eq!(yb.read_f32(m * n), reference::gemv::gemv(&xg, &wg, m, n, k));

@@ -80,9 +80,11 @@ fn gemv_matches_reference_on_odd_and_boundary_shapes() {
         &[(8, 8), (24, 40), (256, 2048), (1000, 2056), (8192, 2048), (2048, 4096), (31040, 2048), (72, 16384)]
     {
         for m in [1, 2, 3, 5, 8, 13, 16] {
-            for (out_type, pad) in [(OutType::Bf16, 0), (OutType::F32, 8)] {
+            for (out_type, pad, weights_static) in
+                [(OutType::Bf16, 0, false), (OutType::F32, 8, false), (OutType::Bf16, 8, true)]
+            {
                 s = s.wrapping_add(1);
-                let case = GemvCase { m, n, k, out_type, pad };
+                let case = GemvCase { m, n, k, out_type, weights_static, pad };
                 let res = check_gemv(&ctx, stream.1, &case, s).unwrap();
                 let tol = if out_type == OutType::F32 { F32_TOL } else { BF16_TOL };
                 if !res.passes(tol) {
@@ -184,6 +186,7 @@ fn rmsnorm_then_gemv_captured_in_a_graph_replays_on_new_inputs() {
         n: n as i64,
         k: dim as i64,
         y_dtype: SPARKINFER_DTYPE_F32,
+        flags: SPARKINFER_GEMV_WEIGHTS_STATIC,
     };
 
     // The first use of both kernels happens inside the capture: compiling and loading must not break it.

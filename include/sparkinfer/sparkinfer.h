@@ -52,6 +52,11 @@ typedef struct CUstream_st *sparkinfer_stream;
 // fp32 elements.
 #define SPARKINFER_DTYPE_F32 1
 
+// GEMV flag: the weights are not written by the kernel that immediately precedes the call on the stream
+// (true of model weights during decode), so the kernel may start streaming them while that kernel is
+// still finishing (programmatic dependent launch, sm_90 and newer). x and y keep full stream order.
+#define SPARKINFER_GEMV_WEIGHTS_STATIC 1
+
 // Result of every call.
 typedef enum sparkinfer_status {
   SPARKINFER_STATUS_SUCCESS = 0,
@@ -152,6 +157,8 @@ typedef struct sparkinfer_gemv_params {
   int64_t k;
   // SPARKINFER_DTYPE_BF16 or SPARKINFER_DTYPE_F32.
   int32_t y_dtype;
+  // 0 or SPARKINFER_GEMV_WEIGHTS_STATIC.
+  int32_t flags;
 } sparkinfer_gemv_params;
 
 #ifdef __cplusplus

@@ -6,15 +6,20 @@ use crate::ops::gemv::{self, GemvArgs, OutType};
 use crate::ops::rmsnorm::{self, RmsNormArgs};
 use crate::reference::rmsnorm::WeightStyle;
 
-/// (m, n, k, out): the decode shapes, the routers, a Gemma 4 projection and skinny batches.
-const GEMV_SHAPES: &[(usize, usize, usize, OutType)] = &[
-    (1, 2048, 2048, OutType::Bf16),
-    (1, 8192, 2048, OutType::Bf16),
-    (1, 31040, 2048, OutType::Bf16),
-    (1, 256, 2048, OutType::F32),
-    (1, 4096, 2816, OutType::Bf16),
-    (4, 8192, 2048, OutType::Bf16),
-    (16, 8192, 2048, OutType::Bf16),
+/// (m, n, k, out, weights_static): the decode shapes, the routers, a Gemma 4 projection and
+/// skinny batches; the decode shapes again with the weights-static promise.
+const GEMV_SHAPES: &[(usize, usize, usize, OutType, bool)] = &[
+    (1, 2048, 2048, OutType::Bf16, false),
+    (1, 8192, 2048, OutType::Bf16, false),
+    (1, 31040, 2048, OutType::Bf16, false),
+    (1, 256, 2048, OutType::F32, false),
+    (1, 4096, 2816, OutType::Bf16, false),
+    (4, 8192, 2048, OutType::Bf16, false),
+    (16, 8192, 2048, OutType::Bf16, false),
+    (1, 2048, 2048, OutType::Bf16, true),
+    (1, 8192, 2048, OutType::Bf16, true),
+    (1, 31040, 2048, OutType::Bf16, true),
+    (1, 4096, 2816, OutType::Bf16, true),
 ];
 
 /// (rows, dim, residual).
@@ -45,7 +50,7 @@ pub fn rmsnorm_args(
     }
 }
 
-fn gemv_row(b: &mut Bench, m: usize, n: usize, k: usize, out: OutType) -> Result<Row> {
+fn gemv_row(b: &mut Bench, m: usize, n: usize, k: usize, out: OutType, weights_static: bool) -> Result<Row> {
     let set_bytes = (n * k + m * k) * 2 + m * n * out.bytes();
     let copies = copies_for(b.device, set_bytes);
     let w = Rotating::bf16(b.device, n * k, copies, &mut b.rng)?;
@@ -65,11 +70,13 @@ fn gemv_row(b: &mut Bench, m: usize, n: usize, k: usize, out: OutType) -> Result
             n: n as i64,
             k: k as i64,
             out_type: out,
+            weights_static,
         };
         // Buffers above hold every copy's full extent.
         unsafe { gemv::gemv(ctx, &args, stream) }
     })?;
-    Ok(Row { op: "gemv".into(), shape: format!("M={m} {n}x{k} {out:?}"), us, bytes: set_bytes as f64 })
+    let flag = if weights_static { " static-W" } else { "" };
+    Ok(Row { op: "gemv".into(), shape: format!("M={m} {n}x{k} {out:?}{flag}"), us, bytes: set_bytes as f64 })
 }
 
 fn rmsnorm_row(b: &mut Bench, rows: usize, dim: usize, residual: bool) -> Result<Row> {
@@ -93,8 +100,8 @@ fn rmsnorm_row(b: &mut Bench, rows: usize, dim: usize, residual: bool) -> Result
 
 pub fn rows(b: &mut Bench) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
-    for &(m, n, k, out) in GEMV_SHAPES {
-        rows.push(gemv_row(b, m, n, k, out)?);
+    for &(m, n, k, out, weights_static) in GEMV_SHAPES {
+        rows.push(gemv_row(b, m, n, k, out, weights_static)?);
     }
     for &(r, dim, residual) in RMSNORM_SHAPES {
         rows.push(rmsnorm_row(b, r, dim, residual)?);
@@ -140,6 +147,7 @@ pub fn launch_overhead(b: &mut Bench) -> Result<Vec<(String, f64)>> {
             n: n as i64,
             k: k as i64,
             out_type: OutType::Bf16,
+            weights_static: false,
         };
         unsafe { gemv::gemv(ctx, &args, stream) }
     })?;

@@ -50,6 +50,11 @@ pub struct sparkinfer_rmsnorm_params {
     pub weight_style: i32,
 }
 
+/// GEMV flag: the weights are not written by the kernel that immediately precedes the call on the stream
+/// (true of model weights during decode), so the kernel may start streaming them while that kernel is
+/// still finishing (programmatic dependent launch, sm_90 and newer). x and y keep full stream order.
+pub const SPARKINFER_GEMV_WEIGHTS_STATIC: i32 = 1;
+
 /// `y[m, n] = Σ_k x[m, k] · w[n, k]` (GEMV for decode, skinny GEMM up to 16 rows): bf16 inputs, fp32
 /// accumulation, bf16 or fp32 output. Row strides in elements, 0 meaning dense; `k`, `n` and the strides of
 /// `x` and `w` must be multiples of 8, `x` and `w` 16-byte aligned.
@@ -71,6 +76,8 @@ pub struct sparkinfer_gemv_params {
     pub k: i64,
     /// SPARKINFER_DTYPE_BF16 or SPARKINFER_DTYPE_F32.
     pub y_dtype: i32,
+    /// 0 or SPARKINFER_GEMV_WEIGHTS_STATIC.
+    pub flags: i32,
 }
 
 fn params_ref<'a, T>(params: *const T) -> Result<&'a T> {
@@ -128,6 +135,12 @@ pub extern "C" fn sparkinfer_gemv(
             SPARKINFER_DTYPE_F32 => gemv::OutType::F32,
             other => return Err(Error::invalid(format!("y_dtype: unknown value {other}"))),
         };
+        if p.flags & !SPARKINFER_GEMV_WEIGHTS_STATIC != 0 {
+            return Err(Error::invalid(format!(
+                "flags: unknown bits {:#x}",
+                p.flags & !SPARKINFER_GEMV_WEIGHTS_STATIC
+            )));
+        }
         let args = gemv::GemvArgs {
             x: p.x as u64,
             x_row_stride: p.x_row_stride,
@@ -139,6 +152,7 @@ pub extern "C" fn sparkinfer_gemv(
             n: p.n,
             k: p.k,
             out_type,
+            weights_static: p.flags & SPARKINFER_GEMV_WEIGHTS_STATIC != 0,
         };
         unsafe { gemv::gemv(ctx, &args, Stream::from_raw(stream)) }
     })

@@ -113,6 +113,7 @@ pub struct GemvCase {
     pub n: usize,
     pub k: usize,
     pub out_type: gemv::OutType,
+    pub weights_static: bool,
     /// Extra elements per row of x, W and y (x and W pads keep 8-alignment).
     pub pad: usize,
 }
@@ -138,6 +139,7 @@ pub fn check_gemv(ctx: &Context, stream: Stream, c: &GemvCase, seed: u64) -> Res
         n: c.n as i64,
         k: c.k as i64,
         out_type: c.out_type,
+        weights_static: c.weights_static,
     };
     // Every address is a buffer allocated above with the extent the arguments describe.
     unsafe { gemv::gemv(ctx, &args, stream)? };
@@ -211,7 +213,7 @@ pub fn model_checks(cpu: bool) -> Vec<ModelCheck> {
     let ms: &[usize] = if cpu { &[1, 3] } else { &[1, 2, 7, 16] };
     for &(label, n, k, out_type) in GEMV_SHAPES {
         for &m in ms {
-            let case = GemvCase { m, n, k, out_type, pad: 0 };
+            let case = GemvCase { m, n, k, out_type, weights_static: m == 1, pad: 0 };
             checks.push(ModelCheck {
                 op: "gemv",
                 shape: label.to_string(),

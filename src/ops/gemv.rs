@@ -47,12 +47,20 @@ impl OutType {
     }
 }
 
-fn name_expr(m: usize, out: OutType) -> String {
-    format!("gemv_kernel<{m}, {}, {}>", rows_per_warp(m), out.cuda_name())
+fn name_expr(m: usize, weights_static: bool, out: OutType) -> String {
+    format!("gemv_kernel<{m}, {}, {weights_static}, {}>", rows_per_warp(m), out.cuda_name())
 }
 
 fn instantiations() -> Vec<String> {
-    (1..=MAX_M as usize).flat_map(|m| [name_expr(m, OutType::Bf16), name_expr(m, OutType::F32)]).collect()
+    let mut names = Vec::new();
+    for m in 1..=MAX_M as usize {
+        for weights_static in [false, true] {
+            for out in [OutType::Bf16, OutType::F32] {
+                names.push(name_expr(m, weights_static, out));
+            }
+        }
+    }
+    names
 }
 
 /// Arguments of [`gemv`]: addresses in the context's memory, strides in elements (0 = dense).
@@ -68,6 +76,9 @@ pub struct GemvArgs {
     pub n: i64,
     pub k: i64,
     pub out_type: OutType,
+    /// The caller promises that `w` is not written by the kernel just before this op on the stream (true
+    /// of model weights during decode): the kernel may then start reading it while that kernel finishes.
+    pub weights_static: bool,
 }
 
 fn validate(a: &GemvArgs) -> Result<(Matrix, Matrix, Matrix)> {
@@ -119,7 +130,7 @@ pub unsafe fn gemv(ctx: &Context, a: &GemvArgs, stream: Stream) -> Result<()> {
             x.check_on_device(device, "x")?;
             w.check_on_device(device, "w")?;
             y.check_on_device(device, "y")?;
-            let kernel = device.kernel(&SOURCE, &name_expr(x.rows, a.out_type))?;
+            let kernel = device.kernel(&SOURCE, &name_expr(x.rows, a.weights_static, a.out_type))?;
             let mut xp = x.ptr;
             let mut xs = x.row_stride as i64;
             let mut wp = w.ptr;

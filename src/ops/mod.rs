@@ -113,7 +113,7 @@ pub(crate) fn check_ptr(name: &str, ptr: u64, align: u64) -> Result<()> {
     if ptr == 0 {
         return Err(Error::invalid(format!("{name}: NULL pointer")));
     }
-    if ptr % align != 0 {
+    if !ptr.is_multiple_of(align) {
         return Err(Error::invalid(format!(
             "{name}: address {ptr:#x} is not aligned to {align} bytes, which the kernel's vector loads need"
         )));

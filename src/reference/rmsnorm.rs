@@ -33,7 +33,7 @@ pub fn rmsnorm(
     eps: f32,
     style: WeightStyle,
 ) {
-    assert!(dim > 0 && x.len() % dim == 0 && out.len() == x.len() && weight.len() == dim);
+    assert!(dim > 0 && x.len().is_multiple_of(dim) && out.len() == x.len() && weight.len() == dim);
     let mut residual = residual;
     let offset = style.offset();
     let mut row = vec![0f32; dim];

@@ -13,9 +13,11 @@ enum class DType : int32_t {
     F32 = SPARKINFER_DTYPE_F32,
 };
 
-/* y[m, n] = x[m, k] . w[n, k]^T for m = 1..16, dense rows; bf16 inputs, fp32 accumulation. */
+/* y[m, n] = x[m, k] . w[n, k]^T for m = 1..16, dense rows; bf16 inputs, fp32 accumulation.
+ * weights_static: w is not written by the kernel just before this call (SPARKINFER_GEMV_WEIGHTS_STATIC). */
 inline sparkinfer_status launch_gemv(sparkinfer_context *ctx, const void *x, const void *w, void *y, int64_t m,
-                                     int64_t n, int64_t k, DType y_dtype, sparkinfer_stream stream) {
+                                     int64_t n, int64_t k, DType y_dtype, sparkinfer_stream stream,
+                                     bool weights_static = false) {
     sparkinfer_gemv_params p = {};
     p.x = x;
     p.w = w;
@@ -24,6 +26,7 @@ inline sparkinfer_status launch_gemv(sparkinfer_context *ctx, const void *x, con
     p.n = n;
     p.k = k;
     p.y_dtype = static_cast<int32_t>(y_dtype);
+    p.flags = weights_static ? SPARKINFER_GEMV_WEIGHTS_STATIC : 0;
     return sparkinfer_gemv(ctx, &p, stream);
 }
 

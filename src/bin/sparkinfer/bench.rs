@@ -46,6 +46,7 @@ fn cpu_rows(ctx: &Context, o: &Options) -> R<Vec<Row>> {
             n: n as i64,
             k: k as i64,
             out_type: OutType::Bf16,
+            weights_static: false,
         };
         let us = time_cpu(reps, || unsafe { gemv::gemv(ctx, &args, Stream::NULL) })?;
         rows.push(Row {

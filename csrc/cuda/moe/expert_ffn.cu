@@ -6,9 +6,11 @@
 // The routing stays on the GPU: a block of the gate_up grid is a position p of the expert-sorted slot list
 // and works only if p starts its expert's segment (p == expert_offsets[e]), so each selected expert's gate
 // and up rows are read once for all its tokens, all experts in one launch; the other blocks exit at once.
-// The down kernel walks the segments in expert order for each output row: one warp reads each selected
-// expert's down row once, and the top-k sum is accumulated in fp32 in a fixed order (deterministic, no
-// atomics) with a single rounding at the end.
+// The down kernel gives each warp one output row and walks the slots in expert-sorted order: at decode it
+// fetches the routing of 32 slots at once and keeps the down rows of four slots in flight together (rows
+// of one expert repeat only for its own tokens and are served by L1/L2); for prefill it walks each expert
+// segment's slots of its token chunk. The top-k sum is accumulated in fp32 in a fixed order
+// (deterministic, no atomics) with a single rounding at the end.
 #include "common/common.cuh"
 
 constexpr int FFN_WARPS = 8;
@@ -178,8 +180,52 @@ SPK_DEVICE int lower_bound_slot(const int* __restrict__ sorted_slots, int lo, in
     return lo;
 }
 
+constexpr int DOWN_GROUP = 4;
+
+// Dots of up to DOWN_GROUP (row, vector) pairs of lengths len[g] (0 = absent) over a warp; every lane gets
+// the sums. The loads of all rows are issued before the first use: at decode the rows belong to different
+// experts, independent DRAM reads whose latencies overlap instead of adding up.
+SPK_DEVICE void warp_dot_group(const bf16_t* const (&w)[DOWN_GROUP], const bf16_t* const (&h)[DOWN_GROUP],
+                               const int (&len)[DOWN_GROUP], float (&out)[DOWN_GROUP]) {
+    const int lane = threadIdx.x & 31;
+    int max_vec = 0;
+#pragma unroll
+    for (int g = 0; g < DOWN_GROUP; ++g) max_vec = max(max_vec, len[g] >> 3);
+    float acc[DOWN_GROUP];
+#pragma unroll
+    for (int g = 0; g < DOWN_GROUP; ++g) acc[g] = 0.0f;
+    for (int base = 0; base < max_vec; base += 64) {
+        uint4 wv[DOWN_GROUP][2];
+#pragma unroll
+        for (int g = 0; g < DOWN_GROUP; ++g) {
+#pragma unroll
+            for (int u = 0; u < 2; ++u) {
+                const int v = base + u * 32 + lane;
+                wv[g][u] = v < (len[g] >> 3) ? load_u128_stream(w[g] + (i64)v * 8) : make_uint4(0, 0, 0, 0);
+            }
+        }
+#pragma unroll
+        for (int g = 0; g < DOWN_GROUP; ++g) {
+#pragma unroll
+            for (int u = 0; u < 2; ++u) {
+                const int v = base + u * 32 + lane;
+                if (v < (len[g] >> 3)) {
+                    float wf[8], hf[8];
+                    bf16x8_to_f32(wv[g][u], wf);
+                    bf16x8_to_f32(load_u128(h[g] + (i64)v * 8), hf);
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) acc[g] = fmaf(wf[j], hf[j], acc[g]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int g = 0; g < DOWN_GROUP; ++g) out[g] = warp_reduce_sum(acc[g]);
+}
+
 // grid.x: row tiles of FFN_WARPS output rows; grid.y: chunks of 32 tokens. Lane m of a warp accumulates
-// token t0 + m of the warp's output row.
+// token t0 + m of the warp's output row. Both paths add the routed terms in expert-sorted order, then the
+// dense term, then the existing output: a fixed order, so results are deterministic.
 __global__ void __launch_bounds__(FFN_WARPS * 32) expert_down_kernel(
     int tokens, int top_k, int hidden, const bf16_t* __restrict__ down, int inter, const int* __restrict__ topk_ids,
     const float* __restrict__ topk_weights, const int* __restrict__ expert_offsets,
@@ -191,30 +237,81 @@ __global__ void __launch_bounds__(FFN_WARPS * 32) expert_down_kernel(
     if (n >= hidden) return;
     const int t0 = blockIdx.y * 32;
     const int nt = min(32, tokens - t0);
-    const int slot_lo = t0 * top_k;
-    const int slot_hi = (t0 + nt) * top_k;
-    const bool whole = gridDim.y == 1;
     float acc = 0.0f;
 
-    for (int p = 0; p < num_slots;) {
-        const int e = topk_ids[sorted_slots[p]];
-        const int end = expert_offsets[e + 1];
-        const int q0 = whole ? p : lower_bound_slot(sorted_slots, p, end, slot_lo);
-        const bf16_t* w_row = down + ((i64)e * hidden + n) * inter;
-        for (int q = q0; q < end; ++q) {
-            const int s = sorted_slots[q];
-            if (s >= slot_hi) break;
-            const float d = warp_dot(w_row, h_routed + (i64)s * inter, inter);
-            if (lane == s / top_k - t0) acc = fmaf(topk_weights[s], d, acc);
+    if (gridDim.y == 1) {
+        // Decode (at most 32 tokens): the items are every routed slot in sorted order, then the dense FFN
+        // per token. Lanes fetch the routing of 32 items at once, then the warp runs them DOWN_GROUP at a
+        // time with all their row loads in flight.
+        const int n_items = num_slots + (dense_down != nullptr ? nt : 0);
+        for (int base = 0; base < n_items; base += 32) {
+            const int it = base + lane;
+            const bf16_t* my_w = nullptr;
+            const bf16_t* my_h = nullptr;
+            int my_len = 0;
+            float my_scale = 0.0f;
+            int my_target = -1;
+            if (it < num_slots) {
+                const int s = sorted_slots[it];
+                const int e = topk_ids[s];
+                my_w = down + ((i64)e * hidden + n) * inter;
+                my_h = h_routed + (i64)s * inter;
+                my_len = inter;
+                my_scale = topk_weights[s];
+                my_target = s / top_k;
+            } else if (it < n_items) {
+                const int m = it - num_slots;
+                my_w = dense_down + (i64)n * dense_inter;
+                my_h = h_dense + (i64)m * dense_inter;
+                my_len = dense_inter;
+                my_scale = dense_gate != nullptr ? dense_gate[m] : 1.0f;
+                my_target = m;
+            }
+            const int count = min(32, n_items - base);
+            for (int g0 = 0; g0 < count; g0 += DOWN_GROUP) {
+                const bf16_t* w[DOWN_GROUP];
+                const bf16_t* h[DOWN_GROUP];
+                int len[DOWN_GROUP];
+                float d[DOWN_GROUP];
+#pragma unroll
+                for (int g = 0; g < DOWN_GROUP; ++g) {
+                    // Lanes past the last item hold my_len = 0: their slots in the group are absent.
+                    w[g] = (const bf16_t*)__shfl_sync(0xffffffffu, (unsigned long long)my_w, g0 + g);
+                    h[g] = (const bf16_t*)__shfl_sync(0xffffffffu, (unsigned long long)my_h, g0 + g);
+                    len[g] = __shfl_sync(0xffffffffu, my_len, g0 + g);
+                }
+                warp_dot_group(w, h, len, d);
+#pragma unroll
+                for (int g = 0; g < DOWN_GROUP; ++g) {
+                    const float scale = __shfl_sync(0xffffffffu, my_scale, g0 + g);
+                    const int target = __shfl_sync(0xffffffffu, my_target, g0 + g);
+                    if (lane == target) acc = fmaf(scale, d[g], acc);
+                }
+            }
         }
-        p = end;
-    }
-    if (dense_down != nullptr) {
-        const bf16_t* w_row = dense_down + (i64)n * dense_inter;
-        for (int m = 0; m < nt; ++m) {
-            float d = warp_dot(w_row, h_dense + (i64)(t0 + m) * dense_inter, dense_inter);
-            if (dense_gate != nullptr) d *= dense_gate[t0 + m];
-            if (lane == m) acc += d;
+    } else {
+        // Prefill: each expert segment's slots of this token chunk, found by binary search.
+        const int slot_lo = t0 * top_k;
+        const int slot_hi = (t0 + nt) * top_k;
+        for (int p = 0; p < num_slots;) {
+            const int e = topk_ids[sorted_slots[p]];
+            const int end = expert_offsets[e + 1];
+            const bf16_t* w_row = down + ((i64)e * hidden + n) * inter;
+            for (int q = lower_bound_slot(sorted_slots, p, end, slot_lo); q < end; ++q) {
+                const int s = sorted_slots[q];
+                if (s >= slot_hi) break;
+                const float d = warp_dot(w_row, h_routed + (i64)s * inter, inter);
+                if (lane == s / top_k - t0) acc = fmaf(topk_weights[s], d, acc);
+            }
+            p = end;
+        }
+        if (dense_down != nullptr) {
+            const bf16_t* w_row = dense_down + (i64)n * dense_inter;
+            for (int m = 0; m < nt; ++m) {
+                const float d = warp_dot(w_row, h_dense + (i64)(t0 + m) * dense_inter, dense_inter);
+                const float scale = dense_gate != nullptr ? dense_gate[t0 + m] : 1.0f;
+                if (lane == m) acc = fmaf(scale, d, acc);
+            }
         }
     }
     if (lane < nt) {

@@ -200,6 +200,8 @@ SPK_DEVICE void build_index(const int* __restrict__ ids, int num_slots, int expe
         const int e = s < end ? ids[s] : -1;
         const unsigned peers = __match_any_sync(0xffffffffu, e);
         if (e >= 0 && (peers & lanes_below) == 0) sh.per_warp[warp][e] += __popc(peers);
+        // Another lane may lead the same expert next step: order its read after this write.
+        __syncwarp();
     }
     __syncthreads();
 

@@ -138,6 +138,10 @@ pub struct sparkinfer_expert_ffn_params {
 /// with their parameters of the same names (`router_weight`, `router_input_scale` and `router_eps` are
 /// the router GEMM's `weight`, `input_scale` and `eps`). Everything runs on the stream with no host
 /// synchronisation, so the call can be captured in a CUDA graph; the routing lives in the workspace.
+///
+/// NaN or ±∞ in a token's input (or weights that produce them): that token's output row becomes NaN; its
+/// routing stays valid (experts in [0, experts), consistent counts), other tokens are unaffected, and
+/// nothing outside `out` and the workspace is written.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct sparkinfer_moe_forward_params {

@@ -555,8 +555,8 @@ fn check_inter(name: &str, inter: i64) -> Result<usize> {
     check_hidden(name, inter)
 }
 
-/// Validates the routed experts; the routing arrays are skipped when `routing_in_workspace` (the block
-/// call places them in its own workspace).
+/// Validates the routed experts; the routing arrays only when `routing` (the block call places them in
+/// its own workspace).
 fn validate_routed(r: &RoutedExperts, tokens: usize, hidden: usize, routing: bool) -> Result<RoutedChecked> {
     let e = check_experts(r.experts)?;
     let i = check_inter("inter", r.inter)?;

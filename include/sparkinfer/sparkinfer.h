@@ -40,6 +40,18 @@ typedef struct CUstream_st *sparkinfer_stream;
 // Device number that selects the CPU reference backend (host pointers, NULL stream).
 #define SPARKINFER_DEVICE_CPU -1
 
+// Softmax in fp32 over all experts (Qwen3.5, Gemma 4).
+#define SPARKINFER_SCORING_SOFTMAX 0
+
+// An independent sigmoid per expert.
+#define SPARKINFER_SCORING_SIGMOID 1
+
+// `silu(gate) · up` (SwiGLU, Qwen3.5).
+#define SPARKINFER_ACTIVATION_SILU 0
+
+// `gelu_tanh(gate) · up` (GeGLU with the tanh approximation, Gemma 4).
+#define SPARKINFER_ACTIVATION_GELU_TANH 1
+
 // `out = x̂ · w` (Gemma 4 style).
 #define SPARKINFER_WEIGHT_STYLE_PLAIN 0
 
@@ -106,6 +118,150 @@ typedef struct sparkinfer_device_info {
   // Shared memory a block may use after opting in.
   int32_t max_shared_memory_per_block;
 } sparkinfer_device_info;
+
+// Router GEMM: `logits[t, e] = Σ_h f(x)[t, h] · weight[e, h]` in fp32, bf16 inputs. With `input_scale`
+// set, `f(x) = x · rsqrt(mean(x²) + eps) · input_scale · hidden^-0.5` (Gemma 4's router input: RMSNorm
+// without weight, a scale vector and a scalar), computed in fp32 inside the GEMM; otherwise `f(x) = x`.
+// Row strides in elements, 0 meaning dense.
+typedef struct sparkinfer_router_gemm_params {
+  // bf16 [tokens, hidden], 16-byte aligned, row stride a multiple of 8.
+  const void *x;
+  int64_t x_row_stride;
+  // bf16 [experts, hidden], dense, 16-byte aligned.
+  const void *weight;
+  // bf16 [hidden], 16-byte aligned; NULL for no input transform.
+  const void *input_scale;
+  // Added to the mean square of the transform; finite, ≥ 0 (1e-6 for Gemma 4).
+  float eps;
+  // fp32 [tokens, experts].
+  void *logits;
+  int64_t logits_row_stride;
+  // 1 to 65536.
+  int64_t tokens;
+  // Multiple of 8, at most 65536.
+  int64_t hidden;
+  // 1 to 512.
+  int64_t experts;
+} sparkinfer_router_gemm_params;
+
+// Top-k router over fp32 logits. Scores: softmax over all experts (SPARKINFER_SCORING_SOFTMAX) or
+// sigmoid (SPARKINFER_SCORING_SIGMOID). The top_k largest logits are chosen (ties to the lower expert
+// index; NaN ranks below every number), best first; their scores are divided by their sum when
+// `renormalize` is non-zero and multiplied by `expert_scale[e]` when given. Outputs, all in the context's
+// memory and never read by the host: `topk_ids` int32 [tokens, top_k], `topk_weights` fp32
+// [tokens, top_k], `expert_counts` int32 [experts], `expert_offsets` int32 [experts + 1] (exclusive scan
+// of the counts) and `sorted_slots` int32 [tokens · top_k]: the slots `t · top_k + j` grouped by
+// ascending expert, ascending inside an expert (deterministic).
+//
+// NaN or ±∞ logits: ids stay valid experts in [0, experts) and the counts, offsets and slots stay
+// consistent; the weights of the affected token become NaN.
+typedef struct sparkinfer_topk_router_params {
+  // fp32 [tokens, experts].
+  const void *logits;
+  int64_t logits_row_stride;
+  // 1 to 65536.
+  int64_t tokens;
+  // 1 to 512.
+  int64_t experts;
+  // 1 to 16, at most `experts`.
+  int64_t top_k;
+  // SPARKINFER_SCORING_SOFTMAX or SPARKINFER_SCORING_SIGMOID.
+  int32_t scoring;
+  // Non-zero: divide the selected scores by their sum (both target models).
+  int32_t renormalize;
+  // fp32 [experts] multiplied into the weights (Gemma 4's per_expert_scale); NULL for none.
+  const void *expert_scale;
+  void *topk_ids;
+  void *topk_weights;
+  void *expert_counts;
+  void *expert_offsets;
+  void *sorted_slots;
+} sparkinfer_topk_router_params;
+
+// Expert FFN: `out[t] = Σ_j w_tj · Down_e(act(Gate_e · x_t) ⊙ (Up_e · x_t)) + g_t · DenseDown(act(DenseGate ·
+// x_t) ⊙ (DenseUp · x_t)) [+ out[t]]` with `e = topk_ids[t, j]`, `w_tj = topk_weights[t, j]` and
+// `g_t = sigmoid(x_t · dense_gate_weight)` (1 without a gate vector). bf16 weights, fp32 accumulation;
+// the intermediate `act(g) · u` is rounded to bf16, the output once at the end. Routed experts are
+// present when `gate_up` is non-NULL (the routing from sparkinfer_topk_router), the dense FFN when
+// `dense_gate_up` is non-NULL; at least one of them. Gate and up are fused per expert as
+// [2·inter, hidden] with the gate rows first (transformers' gate_up_proj); down is [hidden, inter].
+typedef struct sparkinfer_expert_ffn_params {
+  // bf16 [tokens, hidden], 16-byte aligned, row stride a multiple of 8.
+  const void *x;
+  int64_t x_row_stride;
+  // bf16 [tokens, hidden]; must not overlap any input or the workspace.
+  void *out;
+  int64_t out_row_stride;
+  // Non-zero: add into the existing contents of `out`.
+  int32_t accumulate;
+  // 1 to 65536.
+  int64_t tokens;
+  // Multiple of 8, at most 65536.
+  int64_t hidden;
+  // SPARKINFER_ACTIVATION_SILU or SPARKINFER_ACTIVATION_GELU_TANH (routed and dense alike).
+  int32_t activation;
+  // bf16 [experts, 2·inter, hidden], 16-byte aligned; NULL for no routed experts.
+  const void *gate_up;
+  // bf16 [experts, hidden, inter], 16-byte aligned.
+  const void *down;
+  // 1 to 512.
+  int64_t experts;
+  // Multiple of 8.
+  int64_t inter;
+  // 1 to 16.
+  int64_t top_k;
+  // int32 [tokens, top_k], experts in [0, experts).
+  const void *topk_ids;
+  // fp32 [tokens, top_k].
+  const void *topk_weights;
+  // int32 [experts + 1], as built by sparkinfer_topk_router for `topk_ids`.
+  const void *expert_offsets;
+  // int32 [tokens · top_k], as built by sparkinfer_topk_router for `topk_ids`.
+  const void *sorted_slots;
+  // bf16 [2·dense_inter, hidden], 16-byte aligned; NULL for no dense FFN.
+  const void *dense_gate_up;
+  // bf16 [hidden, dense_inter], 16-byte aligned.
+  const void *dense_down;
+  // Multiple of 8.
+  int64_t dense_inter;
+  // bf16 [hidden]: the dense output is multiplied by sigmoid(x · dense_gate_weight) (Qwen3.5's shared
+  // expert gate); NULL for an ungated dense FFN (Gemma 4).
+  const void *dense_gate_weight;
+} sparkinfer_expert_ffn_params;
+
+// The whole MoE block: router GEMM → top-k router → routed experts + dense FFN, as the three ops above
+// with their parameters of the same names (`router_weight`, `router_input_scale` and `router_eps` are
+// the router GEMM's `weight`, `input_scale` and `eps`). Everything runs on the stream with no host
+// synchronisation, so the call can be captured in a CUDA graph; the routing lives in the workspace.
+//
+// NaN or ±∞ in a token's input (or weights that produce them): that token's output row becomes NaN; its
+// routing stays valid (experts in [0, experts), consistent counts), other tokens are unaffected, and
+// nothing outside `out` and the workspace is written.
+typedef struct sparkinfer_moe_forward_params {
+  const void *x;
+  int64_t x_row_stride;
+  void *out;
+  int64_t out_row_stride;
+  int32_t accumulate;
+  int64_t tokens;
+  int64_t hidden;
+  const void *router_weight;
+  const void *router_input_scale;
+  float router_eps;
+  int64_t experts;
+  int64_t top_k;
+  int32_t scoring;
+  int32_t renormalize;
+  const void *expert_scale;
+  const void *gate_up;
+  const void *down;
+  int64_t inter;
+  int32_t activation;
+  const void *dense_gate_up;
+  const void *dense_down;
+  int64_t dense_inter;
+  const void *dense_gate_weight;
+} sparkinfer_moe_forward_params;
 
 // RMSNorm over `rows` rows of `dim` bf16 values, with an optional fused residual add:
 //
@@ -241,6 +397,51 @@ enum sparkinfer_status sparkinfer_graph_launch(const struct sparkinfer_context *
 
 // Destroys a graph. NULL is ignored.
 void sparkinfer_graph_destroy(struct sparkinfer_graph *graph);
+
+// Runs the router GEMM (see sparkinfer_router_gemm_params) on `stream` (NULL on the CPU backend).
+enum sparkinfer_status sparkinfer_router_gemm(const struct sparkinfer_context *ctx,
+                                              const struct sparkinfer_router_gemm_params *params,
+                                              sparkinfer_stream stream);
+
+// Runs the top-k router (see sparkinfer_topk_router_params) on `stream` (NULL on the CPU backend).
+enum sparkinfer_status sparkinfer_topk_router(const struct sparkinfer_context *ctx,
+                                              const struct sparkinfer_topk_router_params *params,
+                                              sparkinfer_stream stream);
+
+// Bytes of workspace sparkinfer_expert_ffn needs: `top_k` and `inter` 0 without routed experts,
+// `dense_inter` 0 without a dense FFN. With r(n) = n rounded up to 256:
+// `r(tokens·top_k·inter·2) + r(tokens·dense_inter·2) + r(tokens·4)`.
+enum sparkinfer_status sparkinfer_expert_ffn_workspace_size(int64_t tokens,
+                                                            int64_t top_k,
+                                                            int64_t inter,
+                                                            int64_t dense_inter,
+                                                            size_t *bytes);
+
+// Runs the expert FFN (see sparkinfer_expert_ffn_params) on `stream` (NULL on the CPU backend) with a
+// workspace of at least sparkinfer_expert_ffn_workspace_size bytes, 16-byte aligned.
+enum sparkinfer_status sparkinfer_expert_ffn(const struct sparkinfer_context *ctx,
+                                             const struct sparkinfer_expert_ffn_params *params,
+                                             void *workspace,
+                                             size_t workspace_bytes,
+                                             sparkinfer_stream stream);
+
+// Bytes of workspace sparkinfer_moe_forward needs (`dense_inter` 0 without a dense FFN). With r(n) = n
+// rounded up to 256 and S = tokens·top_k: `r(tokens·experts·4) + 3·r(S·4) + r(experts·4) +
+// r((experts+1)·4) + r(S·inter·2) + r(tokens·dense_inter·2) + r(tokens·4)`.
+enum sparkinfer_status sparkinfer_moe_forward_workspace_size(int64_t tokens,
+                                                             int64_t experts,
+                                                             int64_t top_k,
+                                                             int64_t inter,
+                                                             int64_t dense_inter,
+                                                             size_t *bytes);
+
+// Runs the MoE block (see sparkinfer_moe_forward_params) on `stream` (NULL on the CPU backend) with a
+// workspace of at least sparkinfer_moe_forward_workspace_size bytes, 16-byte aligned.
+enum sparkinfer_status sparkinfer_moe_forward(const struct sparkinfer_context *ctx,
+                                              const struct sparkinfer_moe_forward_params *params,
+                                              void *workspace,
+                                              size_t workspace_bytes,
+                                              sparkinfer_stream stream);
 
 // Runs RMSNorm (see sparkinfer_rmsnorm_params) on `stream` (NULL on the CPU backend).
 enum sparkinfer_status sparkinfer_rmsnorm(const struct sparkinfer_context *ctx,

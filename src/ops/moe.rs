@@ -1,7 +1,1033 @@
-//! moe kernels (being written).
+//! Mixture-of-Experts: router GEMM, top-k routing with GPU-resident expert counts, routed expert FFN plus
+//! dense/shared FFN, and the whole block on one stream with a caller workspace.
+//!
+//! Nothing here reads device memory on the host: expert counts and offsets stay on the GPU, grids are
+//! sized from host bounds (tokens × top-k) and blocks without work exit early.
 
+use super::{check_dim, check_ptr, Backend, Context, Matrix, Stream};
+use crate::error::{Error, Result};
+use crate::reference::moe::{self as refmoe, Activation, FfnWeights, RouterTransform, Scoring, TopkConfig};
 use crate::runtime::sources::KernelSource;
+use crate::runtime::Device;
+
+pub static ROUTER_SOURCE: KernelSource = KernelSource {
+    name: "moe_router",
+    path: "moe/router.cu",
+    code: include_str!("../../csrc/cuda/moe/router.cu"),
+    instantiations: router_instantiations,
+};
+
+pub static FFN_SOURCE: KernelSource = KernelSource {
+    name: "moe_expert_ffn",
+    path: "moe/expert_ffn.cu",
+    code: include_str!("../../csrc/cuda/moe/expert_ffn.cu"),
+    instantiations: ffn_instantiations,
+};
 
 pub fn kernel_sources() -> Vec<&'static KernelSource> {
-    Vec::new()
+    vec![&ROUTER_SOURCE, &FFN_SOURCE]
+}
+
+/// Most experts the top-k kernel holds per token (16 per lane of a warp).
+pub const MAX_EXPERTS: i64 = 512;
+/// Most experts per token.
+pub const MAX_TOP_K: i64 = 16;
+/// Most tokens per call.
+pub const MAX_TOKENS: i64 = 65536;
+/// Largest hidden or intermediate size.
+pub const MAX_FFN_DIM: i64 = 65536;
+
+/// Token tiles of the router kernel (template MT).
+const TOKEN_TILES: [usize; 5] = [1, 2, 4, 8, 16];
+/// Token tiles of the gate/up kernel: 16 tokens of gate and up accumulators spill, so larger groups take
+/// several passes over L1-resident rows.
+const GATE_UP_TILES: [usize; 4] = [1, 2, 4, 8];
+/// Warps per block, as ROUTER_WARPS / TOPK_WARPS / FFN_WARPS in the kernels.
+const ROUTER_WARPS: usize = 8;
+const TOPK_WARPS: usize = 16;
+const FFN_WARPS: usize = 8;
+/// Tokens per block row of the down kernel (one per lane).
+const DOWN_TOKENS: usize = 32;
+
+fn token_tile(tokens: usize) -> usize {
+    tokens.min(16).next_power_of_two()
+}
+
+fn router_name(mt: usize, transform: bool) -> String {
+    format!("router_gemm_kernel<{mt}, {transform}>")
+}
+
+fn router_instantiations() -> Vec<String> {
+    let mut v: Vec<String> =
+        TOKEN_TILES.iter().flat_map(|&mt| [router_name(mt, false), router_name(mt, true)]).collect();
+    v.push("topk_router_kernel".into());
+    v.push("expert_index_kernel".into());
+    v
+}
+
+fn act_code(a: Activation) -> i32 {
+    match a {
+        Activation::Silu => 0,
+        Activation::GeluTanh => 1,
+    }
+}
+
+fn gate_up_name(act: Activation, mt: usize) -> String {
+    format!("expert_gate_up_kernel<{}, {mt}>", act_code(act))
+}
+
+fn ffn_instantiations() -> Vec<String> {
+    let mut v: Vec<String> = [Activation::Silu, Activation::GeluTanh]
+        .iter()
+        .flat_map(|&a| GATE_UP_TILES.iter().map(move |&mt| gate_up_name(a, mt)))
+        .collect();
+    v.push("expert_down_kernel".into());
+    v
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Host-memory helpers of the CPU backend.
+// ---------------------------------------------------------------------------------------------------------
+
+/// # Safety
+/// `ptr` must be valid for reading `n` values of `T`.
+unsafe fn host_read<T: Copy>(ptr: u64, n: usize) -> Vec<T> {
+    std::slice::from_raw_parts(ptr as *const T, n).to_vec()
+}
+
+/// # Safety
+/// `ptr` must be valid for writing `data.len()` values of `T`.
+unsafe fn host_write<T: Copy>(ptr: u64, data: &[T]) {
+    std::ptr::copy_nonoverlapping(data.as_ptr(), ptr as *mut T, data.len());
+}
+
+/// A contiguous 1-D extent of `elems` elements of `elem_bytes`, aligned to `align` bytes.
+fn vector(name: &str, ptr: u64, elems: usize, elem_bytes: usize, align: u64) -> Result<Matrix> {
+    check_ptr(name, ptr, align)?;
+    Matrix::new(name, ptr, 1, elems, 0, elem_bytes, 1)
+}
+
+fn check_distinct(outputs: &[(&str, &Matrix)], inputs: &[(&str, &Matrix)]) -> Result<()> {
+    for (i, (name, m)) in outputs.iter().enumerate() {
+        for (other, o) in outputs[i + 1..].iter().chain(inputs) {
+            if m.overlaps(o) {
+                return Err(Error::invalid(format!("{name}: overlaps {other}")));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_all_on_device(device: &Device, ms: &[(&str, &Matrix)]) -> Result<()> {
+    ms.iter().try_for_each(|(name, m)| m.check_on_device(device, name))
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Router GEMM
+// ---------------------------------------------------------------------------------------------------------
+
+/// Arguments of [`router_gemm`]: addresses in the context's memory, strides in elements (0 = dense).
+#[derive(Clone, Copy, Debug)]
+pub struct RouterGemmArgs {
+    /// bf16 [tokens, hidden].
+    pub x: u64,
+    pub x_row_stride: i64,
+    /// bf16 [experts, hidden].
+    pub weight: u64,
+    /// bf16 [hidden] for Gemma 4's input transform, 0 for none.
+    pub input_scale: u64,
+    pub eps: f32,
+    /// fp32 [tokens, experts].
+    pub logits: u64,
+    pub logits_row_stride: i64,
+    pub tokens: i64,
+    pub hidden: i64,
+    pub experts: i64,
+}
+
+struct RouterChecked {
+    x: Matrix,
+    weight: Matrix,
+    scale: Option<Matrix>,
+    logits: Matrix,
+    eps: f32,
+}
+
+fn check_hidden(name: &str, hidden: i64) -> Result<usize> {
+    let h = check_dim(name, hidden, MAX_FFN_DIM)?;
+    if h % 8 != 0 {
+        return Err(Error::invalid(format!("{name}: {h} is not a multiple of 8")));
+    }
+    Ok(h)
+}
+
+fn check_experts(experts: i64) -> Result<usize> {
+    check_dim("experts", experts, MAX_EXPERTS)
+}
+
+fn validate_router(a: &RouterGemmArgs) -> Result<RouterChecked> {
+    let t = check_dim("tokens", a.tokens, MAX_TOKENS)?;
+    let h = check_hidden("hidden", a.hidden)?;
+    let e = check_experts(a.experts)?;
+    check_ptr("x", a.x, 16)?;
+    check_ptr("weight", a.weight, 16)?;
+    check_ptr("logits", a.logits, 4)?;
+    let x = Matrix::new("x", a.x, t, h, a.x_row_stride, 2, 8)?;
+    let weight = Matrix::new("weight", a.weight, e, h, 0, 2, 8)?;
+    let logits = Matrix::new("logits", a.logits, t, e, a.logits_row_stride, 4, 1)?;
+    let scale = if a.input_scale == 0 {
+        None
+    } else {
+        if !a.eps.is_finite() || a.eps < 0.0 {
+            return Err(Error::invalid(format!("eps: {} must be finite and non-negative", a.eps)));
+        }
+        Some(vector("input_scale", a.input_scale, h, 2, 16)?)
+    };
+    let mut inputs = vec![("x", &x), ("weight", &weight)];
+    if let Some(s) = &scale {
+        inputs.push(("input_scale", s));
+    }
+    check_distinct(&[("logits", &logits)], &inputs)?;
+    Ok(RouterChecked { x, weight, scale, logits, eps: a.eps })
+}
+
+/// # Safety
+/// As [`router_gemm`]; `c` validated.
+unsafe fn launch_router(device: &Device, c: &RouterChecked, stream: Stream) -> Result<()> {
+    let tokens = c.x.rows;
+    let mt = token_tile(tokens);
+    let kernel = device.kernel(&ROUTER_SOURCE, &router_name(mt, c.scale.is_some()))?;
+    let mut x = c.x.ptr;
+    let mut xs = c.x.row_stride as i64;
+    let mut w = c.weight.ptr;
+    let mut scale = c.scale.map_or(0, |s| s.ptr);
+    let mut eps = c.eps;
+    let mut logits = c.logits.ptr;
+    let mut ls = c.logits.row_stride as i64;
+    let mut t = tokens as i32;
+    let mut e = c.weight.rows as i32;
+    let mut h = c.x.cols as i32;
+    let mut args = crate::kernel_args![x, xs, w, scale, eps, logits, ls, t, e, h];
+    let grid = (c.weight.rows.div_ceil(ROUTER_WARPS) as u32, tokens.div_ceil(mt) as u32, 1);
+    device.launch(&kernel, grid, ((ROUTER_WARPS * 32) as u32, 1, 1), 0, stream.raw(), &mut args)
+}
+
+fn cpu_router(c: &RouterChecked) {
+    unsafe {
+        let x = c.x.read_host_bf16();
+        let w = c.weight.read_host_bf16();
+        let scale = c.scale.map(|s| s.read_host_bf16());
+        let transform = scale.as_deref().map(|s| RouterTransform { scale: s, eps: c.eps });
+        let logits = refmoe::router_logits(&x, c.x.rows, c.x.cols, &w, c.weight.rows, transform);
+        super::MatrixMut(c.logits).write_host(&logits);
+    }
+}
+
+/// `logits = f(x) · Wrᵀ` in fp32, with `f` Gemma 4's transform when `input_scale` is set
+/// (`RMSNorm-without-weight(x) · scale · hidden^-0.5`).
+///
+/// # Safety
+/// Every address must point to memory of the context's kind holding the extent its shape describes.
+pub unsafe fn router_gemm(ctx: &Context, a: &RouterGemmArgs, stream: Stream) -> Result<()> {
+    ctx.check_stream(stream)?;
+    let c = validate_router(a)?;
+    match ctx.backend() {
+        Backend::Cpu => {
+            cpu_router(&c);
+            Ok(())
+        }
+        Backend::Cuda(device) => {
+            let mut ms = vec![("x", &c.x), ("weight", &c.weight), ("logits", &c.logits)];
+            if let Some(s) = &c.scale {
+                ms.push(("input_scale", s));
+            }
+            check_all_on_device(device, &ms)?;
+            launch_router(device, &c, stream)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Top-k router
+// ---------------------------------------------------------------------------------------------------------
+
+/// Arguments of [`topk_router`]. Outputs: `topk_ids` int32 [tokens, top_k], `topk_weights` fp32
+/// [tokens, top_k], `expert_counts` int32 [experts], `expert_offsets` int32 [experts + 1], `sorted_slots`
+/// int32 [tokens · top_k] (slot = token · top_k + j, grouped by ascending expert, ascending slot within).
+#[derive(Clone, Copy, Debug)]
+pub struct TopkArgs {
+    /// fp32 [tokens, experts].
+    pub logits: u64,
+    pub logits_row_stride: i64,
+    pub tokens: i64,
+    pub experts: i64,
+    pub top_k: i64,
+    pub scoring: Scoring,
+    pub renormalize: bool,
+    /// fp32 [experts], 0 for none.
+    pub expert_scale: u64,
+    pub topk_ids: u64,
+    pub topk_weights: u64,
+    pub expert_counts: u64,
+    pub expert_offsets: u64,
+    pub sorted_slots: u64,
+}
+
+struct TopkChecked {
+    logits: Matrix,
+    top_k: usize,
+    scoring: Scoring,
+    renormalize: bool,
+    scale: Option<Matrix>,
+    ids: Matrix,
+    weights: Matrix,
+    counts: Matrix,
+    offsets: Matrix,
+    sorted: Matrix,
+}
+
+fn check_top_k(top_k: i64, experts: usize) -> Result<usize> {
+    let k = check_dim("top_k", top_k, MAX_TOP_K)?;
+    if k > experts {
+        return Err(Error::invalid(format!("top_k: {k} exceeds the number of experts {experts}")));
+    }
+    Ok(k)
+}
+
+fn validate_topk(a: &TopkArgs) -> Result<TopkChecked> {
+    let t = check_dim("tokens", a.tokens, MAX_TOKENS)?;
+    let e = check_experts(a.experts)?;
+    let k = check_top_k(a.top_k, e)?;
+    check_ptr("logits", a.logits, 4)?;
+    let logits = Matrix::new("logits", a.logits, t, e, a.logits_row_stride, 4, 1)?;
+    let scale = if a.expert_scale == 0 { None } else { Some(vector("expert_scale", a.expert_scale, e, 4, 4)?) };
+    let ids = vector("topk_ids", a.topk_ids, t * k, 4, 4)?;
+    let weights = vector("topk_weights", a.topk_weights, t * k, 4, 4)?;
+    let counts = vector("expert_counts", a.expert_counts, e, 4, 4)?;
+    let offsets = vector("expert_offsets", a.expert_offsets, e + 1, 4, 4)?;
+    let sorted = vector("sorted_slots", a.sorted_slots, t * k, 4, 4)?;
+    let mut inputs = vec![("logits", &logits)];
+    if let Some(s) = &scale {
+        inputs.push(("expert_scale", s));
+    }
+    check_distinct(
+        &[
+            ("topk_ids", &ids),
+            ("topk_weights", &weights),
+            ("expert_counts", &counts),
+            ("expert_offsets", &offsets),
+            ("sorted_slots", &sorted),
+        ],
+        &inputs,
+    )?;
+    Ok(TopkChecked {
+        logits,
+        top_k: k,
+        scoring: a.scoring,
+        renormalize: a.renormalize,
+        scale,
+        ids,
+        weights,
+        counts,
+        offsets,
+        sorted,
+    })
+}
+
+/// # Safety
+/// As [`topk_router`]; `c` validated.
+unsafe fn launch_topk(device: &Device, c: &TopkChecked, stream: Stream) -> Result<()> {
+    let tokens = c.logits.rows;
+    let blocks = tokens.div_ceil(TOPK_WARPS);
+    let kernel = device.kernel(&ROUTER_SOURCE, "topk_router_kernel")?;
+    let mut logits = c.logits.ptr;
+    let mut ls = c.logits.row_stride as i64;
+    let mut t = tokens as i32;
+    let mut e = c.logits.cols as i32;
+    let mut k = c.top_k as i32;
+    let mut scoring: i32 = match c.scoring {
+        Scoring::Softmax => 0,
+        Scoring::Sigmoid => 1,
+    };
+    let mut renorm = i32::from(c.renormalize);
+    let mut scale = c.scale.map_or(0, |s| s.ptr);
+    let mut ids = c.ids.ptr;
+    let mut weights = c.weights.ptr;
+    let mut counts = c.counts.ptr;
+    let mut offsets = c.offsets.ptr;
+    let mut sorted = c.sorted.ptr;
+    // One block (decode) builds the index in the same launch; otherwise a second, single-block launch.
+    let mut fused = i32::from(blocks == 1);
+    let mut args =
+        crate::kernel_args![logits, ls, t, e, k, scoring, renorm, scale, ids, weights, counts, offsets, sorted, fused];
+    let block = ((TOPK_WARPS * 32) as u32, 1, 1);
+    device.launch(&kernel, (blocks as u32, 1, 1), block, 0, stream.raw(), &mut args)?;
+    if blocks > 1 {
+        let kernel = device.kernel(&ROUTER_SOURCE, "expert_index_kernel")?;
+        let mut slots = (tokens * c.top_k) as i32;
+        let mut args = crate::kernel_args![ids, slots, e, counts, offsets, sorted];
+        device.launch(&kernel, (1, 1, 1), block, 0, stream.raw(), &mut args)?;
+    }
+    Ok(())
+}
+
+fn cpu_topk(c: &TopkChecked) {
+    unsafe {
+        let (t, e) = (c.logits.rows, c.logits.cols);
+        let mut logits = Vec::with_capacity(t * e);
+        for r in 0..t {
+            logits.extend(host_read::<f32>(c.logits.ptr + (r * c.logits.row_stride * 4) as u64, e));
+        }
+        let scale = c.scale.map(|s| host_read::<f32>(s.ptr, e));
+        let cfg = TopkConfig {
+            top_k: c.top_k,
+            scoring: c.scoring,
+            renormalize: c.renormalize,
+            expert_scale: scale.as_deref(),
+        };
+        let r = refmoe::topk_router(&logits, t, e, &cfg);
+        host_write(c.ids.ptr, &r.ids);
+        host_write(c.weights.ptr, &r.weights);
+        host_write(c.counts.ptr, &r.counts);
+        host_write(c.offsets.ptr, &r.offsets);
+        host_write(c.sorted.ptr, &r.sorted_slots);
+    }
+}
+
+/// Scores (softmax over all experts, or sigmoid), selects the top k per token (ties to the lower index;
+/// NaN ranks lowest), optionally renormalises them to sum 1 and multiplies a per-expert scale; builds
+/// the expert counts, offsets and the expert-grouped slot order, all in the context's memory.
+///
+/// # Safety
+/// Every address must point to memory of the context's kind holding the extent its shape describes.
+pub unsafe fn topk_router(ctx: &Context, a: &TopkArgs, stream: Stream) -> Result<()> {
+    ctx.check_stream(stream)?;
+    let c = validate_topk(a)?;
+    match ctx.backend() {
+        Backend::Cpu => {
+            cpu_topk(&c);
+            Ok(())
+        }
+        Backend::Cuda(device) => {
+            let mut ms = vec![
+                ("logits", &c.logits),
+                ("topk_ids", &c.ids),
+                ("topk_weights", &c.weights),
+                ("expert_counts", &c.counts),
+                ("expert_offsets", &c.offsets),
+                ("sorted_slots", &c.sorted),
+            ];
+            if let Some(s) = &c.scale {
+                ms.push(("expert_scale", s));
+            }
+            check_all_on_device(device, &ms)?;
+            launch_topk(device, &c, stream)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Expert FFN (+ dense FFN)
+// ---------------------------------------------------------------------------------------------------------
+
+/// The routed experts of [`expert_ffn`]: stacked weights and the routing from [`topk_router`].
+#[derive(Clone, Copy, Debug)]
+pub struct RoutedExperts {
+    /// bf16 [experts, 2·inter, hidden], gate rows first.
+    pub gate_up: u64,
+    /// bf16 [experts, hidden, inter].
+    pub down: u64,
+    pub experts: i64,
+    pub inter: i64,
+    pub top_k: i64,
+    /// int32 [tokens, top_k], each in [0, experts).
+    pub topk_ids: u64,
+    /// fp32 [tokens, top_k].
+    pub topk_weights: u64,
+    /// int32 [experts + 1].
+    pub expert_offsets: u64,
+    /// int32 [tokens · top_k].
+    pub sorted_slots: u64,
+}
+
+/// The dense FFN (Gemma 4) or shared expert (Qwen3.5) of [`expert_ffn`].
+#[derive(Clone, Copy, Debug)]
+pub struct DenseFfn {
+    /// bf16 [2·inter, hidden], gate rows first.
+    pub gate_up: u64,
+    /// bf16 [hidden, inter].
+    pub down: u64,
+    pub inter: i64,
+    /// bf16 [hidden]: output × sigmoid(x · gate_weight); 0 for an ungated FFN.
+    pub gate_weight: u64,
+}
+
+/// Arguments of [`expert_ffn`].
+#[derive(Clone, Copy, Debug)]
+pub struct ExpertFfnArgs {
+    /// bf16 [tokens, hidden].
+    pub x: u64,
+    pub x_row_stride: i64,
+    /// bf16 [tokens, hidden].
+    pub out: u64,
+    pub out_row_stride: i64,
+    /// Add into the existing contents of `out` (before the single rounding).
+    pub accumulate: bool,
+    pub tokens: i64,
+    pub hidden: i64,
+    pub activation: Activation,
+    pub routed: Option<RoutedExperts>,
+    pub dense: Option<DenseFfn>,
+    pub workspace: u64,
+    pub workspace_bytes: usize,
+}
+
+const REGION_ALIGN: usize = 256;
+
+/// Byte offsets of the workspace regions.
+#[derive(Clone, Copy, Debug, Default)]
+struct FfnLayout {
+    h_routed: usize,
+    h_dense: usize,
+    dense_gate: usize,
+    total: usize,
+}
+
+struct Regions(usize);
+
+impl Regions {
+    fn take(&mut self, bytes: usize) -> usize {
+        let at = self.0;
+        self.0 += bytes.div_ceil(REGION_ALIGN) * REGION_ALIGN;
+        at
+    }
+}
+
+fn ffn_layout(tokens: usize, top_k: usize, inter: usize, dense_inter: usize, r: &mut Regions) -> FfnLayout {
+    let h_routed = r.take(tokens * top_k * inter * 2);
+    let h_dense = r.take(tokens * dense_inter * 2);
+    let dense_gate = r.take(tokens * 4);
+    FfnLayout { h_routed, h_dense, dense_gate, total: r.0 }
+}
+
+/// Workspace bytes of [`expert_ffn`]: `top_k` and `inter` are 0 without routed experts, `dense_inter`
+/// 0 without a dense FFN. Each region is rounded up to 256 bytes:
+/// `r(T·k·I·2) + r(T·I_dense·2) + r(T·4)`.
+pub fn expert_ffn_workspace_size(tokens: i64, top_k: i64, inter: i64, dense_inter: i64) -> Result<usize> {
+    let t = check_dim("tokens", tokens, MAX_TOKENS)?;
+    let k = if top_k == 0 { 0 } else { check_dim("top_k", top_k, MAX_TOP_K)? };
+    let i = if inter == 0 { 0 } else { check_dim("inter", inter, MAX_FFN_DIM)? };
+    let di = if dense_inter == 0 { 0 } else { check_dim("dense_inter", dense_inter, MAX_FFN_DIM)? };
+    Ok(ffn_layout(t, k, i, di, &mut Regions(0)).total)
+}
+
+struct RoutedChecked {
+    gate_up: Matrix,
+    down: Matrix,
+    experts: usize,
+    inter: usize,
+    top_k: usize,
+    ids: Matrix,
+    weights: Matrix,
+    offsets: Matrix,
+    sorted: Matrix,
+}
+
+struct DenseChecked {
+    gate_up: Matrix,
+    down: Matrix,
+    inter: usize,
+    gate: Option<Matrix>,
+}
+
+struct FfnChecked {
+    x: Matrix,
+    out: Matrix,
+    accumulate: bool,
+    act: Activation,
+    routed: Option<RoutedChecked>,
+    dense: Option<DenseChecked>,
+    workspace: u64,
+    layout: FfnLayout,
+}
+
+fn check_inter(name: &str, inter: i64) -> Result<usize> {
+    check_hidden(name, inter)
+}
+
+/// Validates the routed experts; the routing arrays only when `routing` (the block call places them in
+/// its own workspace).
+fn validate_routed(r: &RoutedExperts, tokens: usize, hidden: usize, routing: bool) -> Result<RoutedChecked> {
+    let e = check_experts(r.experts)?;
+    let i = check_inter("inter", r.inter)?;
+    let k = check_top_k(r.top_k, e)?;
+    check_ptr("gate_up", r.gate_up, 16)?;
+    check_ptr("down", r.down, 16)?;
+    let gate_up = Matrix::new("gate_up", r.gate_up, e * 2 * i, hidden, 0, 2, 8)?;
+    let down = Matrix::new("down", r.down, e * hidden, i, 0, 2, 8)?;
+    let slots = tokens * k;
+    let (ids, weights, offsets, sorted) = if routing {
+        (
+            vector("topk_ids", r.topk_ids, slots, 4, 4)?,
+            vector("topk_weights", r.topk_weights, slots, 4, 4)?,
+            vector("expert_offsets", r.expert_offsets, e + 1, 4, 4)?,
+            vector("sorted_slots", r.sorted_slots, slots, 4, 4)?,
+        )
+    } else {
+        let empty = Matrix { ptr: 0, rows: 0, cols: 0, row_stride: 0, elem_bytes: 4 };
+        (empty, empty, empty, empty)
+    };
+    Ok(RoutedChecked { gate_up, down, experts: e, inter: i, top_k: k, ids, weights, offsets, sorted })
+}
+
+fn validate_dense(d: &DenseFfn, hidden: usize) -> Result<DenseChecked> {
+    let i = check_inter("dense_inter", d.inter)?;
+    check_ptr("dense_gate_up", d.gate_up, 16)?;
+    check_ptr("dense_down", d.down, 16)?;
+    let gate_up = Matrix::new("dense_gate_up", d.gate_up, 2 * i, hidden, 0, 2, 8)?;
+    let down = Matrix::new("dense_down", d.down, hidden, i, 0, 2, 8)?;
+    let gate = if d.gate_weight == 0 { None } else { Some(vector("dense_gate_weight", d.gate_weight, hidden, 2, 16)?) };
+    Ok(DenseChecked { gate_up, down, inter: i, gate })
+}
+
+fn validate_ffn(a: &ExpertFfnArgs, routing: bool, regions: &mut Regions) -> Result<FfnChecked> {
+    let t = check_dim("tokens", a.tokens, MAX_TOKENS)?;
+    let h = check_hidden("hidden", a.hidden)?;
+    check_ptr("x", a.x, 16)?;
+    check_ptr("out", a.out, 2)?;
+    let x = Matrix::new("x", a.x, t, h, a.x_row_stride, 2, 8)?;
+    let out = Matrix::new("out", a.out, t, h, a.out_row_stride, 2, 1)?;
+    if a.routed.is_none() && a.dense.is_none() {
+        return Err(Error::invalid("routed: neither routed experts nor a dense FFN given; nothing to compute"));
+    }
+    let routed = a.routed.as_ref().map(|r| validate_routed(r, t, h, routing)).transpose()?;
+    let dense = a.dense.as_ref().map(|d| validate_dense(d, h)).transpose()?;
+    let layout = ffn_layout(
+        t,
+        routed.as_ref().map_or(0, |r| r.top_k),
+        routed.as_ref().map_or(0, |r| r.inter),
+        dense.as_ref().map_or(0, |d| d.inter),
+        regions,
+    );
+    check_ptr("workspace", a.workspace, 16)?;
+    if a.workspace_bytes < layout.total {
+        return Err(Error::invalid(format!(
+            "workspace_bytes: {} bytes given, the call needs {} (see the *_workspace_size function)",
+            a.workspace_bytes, layout.total
+        )));
+    }
+    let ws = vector("workspace", a.workspace, layout.total.max(1), 1, 1)?;
+    let mut inputs: Vec<(&str, &Matrix)> = vec![("x", &x), ("workspace", &ws)];
+    if let Some(r) = &routed {
+        inputs.extend([("gate_up", &r.gate_up), ("down", &r.down)]);
+        if routing {
+            inputs.extend([
+                ("topk_ids", &r.ids),
+                ("topk_weights", &r.weights),
+                ("expert_offsets", &r.offsets),
+                ("sorted_slots", &r.sorted),
+            ]);
+        }
+    }
+    if let Some(d) = &dense {
+        inputs.extend([("dense_gate_up", &d.gate_up), ("dense_down", &d.down)]);
+        if let Some(g) = &d.gate {
+            inputs.push(("dense_gate_weight", g));
+        }
+    }
+    check_distinct(&[("out", &out)], &inputs)?;
+    if routing {
+        if let Some(r) = &routed {
+            check_distinct(
+                &[("workspace", &ws)],
+                &[("topk_ids", &r.ids), ("topk_weights", &r.weights), ("sorted_slots", &r.sorted)],
+            )?;
+        }
+    }
+    Ok(FfnChecked {
+        x,
+        out,
+        accumulate: a.accumulate,
+        act: a.activation,
+        routed,
+        dense,
+        workspace: a.workspace,
+        layout,
+    })
+}
+
+fn ffn_device_check(device: &Device, c: &FfnChecked, routing: bool) -> Result<()> {
+    let ws = Matrix { ptr: c.workspace, rows: 1, cols: c.layout.total.max(1), row_stride: 0, elem_bytes: 1 };
+    let mut ms = vec![("x", &c.x), ("out", &c.out), ("workspace", &ws)];
+    if let Some(r) = &c.routed {
+        ms.extend([("gate_up", &r.gate_up), ("down", &r.down)]);
+        if routing {
+            ms.extend([
+                ("topk_ids", &r.ids),
+                ("topk_weights", &r.weights),
+                ("expert_offsets", &r.offsets),
+                ("sorted_slots", &r.sorted),
+            ]);
+        }
+    }
+    if let Some(d) = &c.dense {
+        ms.extend([("dense_gate_up", &d.gate_up), ("dense_down", &d.down)]);
+        if let Some(g) = &d.gate {
+            ms.push(("dense_gate_weight", g));
+        }
+    }
+    check_all_on_device(device, &ms)
+}
+
+/// # Safety
+/// As [`expert_ffn`]; `c` validated, its routing pointers set.
+unsafe fn launch_ffn(device: &Device, c: &FfnChecked, stream: Stream) -> Result<()> {
+    let tokens = c.x.rows;
+    let hidden = c.x.cols;
+    let ws = c.workspace;
+    let (r_inter, r_top_k, num_slots) = c.routed.as_ref().map_or((0, 0, 0), |r| (r.inter, r.top_k, tokens * r.top_k));
+    let d_inter = c.dense.as_ref().map_or(0, |d| d.inter);
+    let mt = token_tile(tokens).min(8);
+
+    let mut x = c.x.ptr;
+    let mut xs = c.x.row_stride as i64;
+    let mut top_k = r_top_k as i32;
+    let mut h = hidden as i32;
+    let mut gate_up = c.routed.as_ref().map_or(0, |r| r.gate_up.ptr);
+    let mut inter = r_inter as i32;
+    let mut ids = c.routed.as_ref().map_or(0, |r| r.ids.ptr);
+    let mut offsets = c.routed.as_ref().map_or(0, |r| r.offsets.ptr);
+    let mut sorted = c.routed.as_ref().map_or(0, |r| r.sorted.ptr);
+    let mut slots = num_slots as i32;
+    let mut h_routed = ws + c.layout.h_routed as u64;
+    let mut t = tokens as i32;
+    let mut d_gate_up = c.dense.as_ref().map_or(0, |d| d.gate_up.ptr);
+    let mut d_inter_arg = d_inter as i32;
+    let mut d_gate_w = c.dense.as_ref().and_then(|d| d.gate).map_or(0, |g| g.ptr);
+    let mut h_dense = ws + c.layout.h_dense as u64;
+    let mut d_gate = ws + c.layout.dense_gate as u64;
+    let kernel = device.kernel(&FFN_SOURCE, &gate_up_name(c.act, mt))?;
+    let mut args = crate::kernel_args![
+        x,
+        xs,
+        top_k,
+        h,
+        gate_up,
+        inter,
+        ids,
+        offsets,
+        sorted,
+        slots,
+        h_routed,
+        t,
+        d_gate_up,
+        d_inter_arg,
+        d_gate_w,
+        h_dense,
+        d_gate
+    ];
+    let grid_x = num_slots + usize::from(c.dense.is_some());
+    let grid_y = r_inter.max(d_inter).div_ceil(FFN_WARPS);
+    let block = ((FFN_WARPS * 32) as u32, 1, 1);
+    device.launch(&kernel, (grid_x as u32, grid_y as u32, 1), block, 0, stream.raw(), &mut args)?;
+
+    let kernel = device.kernel(&FFN_SOURCE, "expert_down_kernel")?;
+    let mut down = c.routed.as_ref().map_or(0, |r| r.down.ptr);
+    let mut weights = c.routed.as_ref().map_or(0, |r| r.weights.ptr);
+    let mut d_down = c.dense.as_ref().map_or(0, |d| d.down.ptr);
+    let mut d_gate_read = if d_gate_w == 0 { 0 } else { d_gate };
+    let mut out = c.out.ptr;
+    let mut os = c.out.row_stride as i64;
+    let mut accumulate = i32::from(c.accumulate);
+    let mut args = crate::kernel_args![
+        t,
+        top_k,
+        h,
+        down,
+        inter,
+        ids,
+        weights,
+        offsets,
+        sorted,
+        slots,
+        h_routed,
+        d_down,
+        d_inter_arg,
+        h_dense,
+        d_gate_read,
+        out,
+        os,
+        accumulate
+    ];
+    let grid = (hidden.div_ceil(FFN_WARPS) as u32, tokens.div_ceil(DOWN_TOKENS) as u32, 1);
+    device.launch(&kernel, grid, block, 0, stream.raw(), &mut args)
+}
+
+/// Reads the input side of an FFN call from host memory and computes the f64 result parts.
+///
+/// # Safety
+/// The checked matrices must be valid host memory.
+unsafe fn cpu_ffn_parts(c: &FfnChecked, ids: &[i32], weights: &[f32]) -> Result<Vec<Vec<f64>>> {
+    let x = c.x.read_host_bf16();
+    let hidden = c.x.cols;
+    let mut parts = Vec::new();
+    if let Some(r) = &c.routed {
+        if let Some((s, &e)) = ids.iter().enumerate().find(|(_, &e)| e < 0 || e as usize >= r.experts) {
+            return Err(Error::invalid(format!("topk_ids: slot {s} holds expert {e}, outside [0, {})", r.experts)));
+        }
+        let gate_up = r.gate_up.read_host_bf16();
+        let down = r.down.read_host_bf16();
+        parts.push(refmoe::expert_ffn(&x, hidden, &gate_up, &down, r.inter, ids, weights, r.top_k, c.act));
+    }
+    if let Some(d) = &c.dense {
+        let gate_up = d.gate_up.read_host_bf16();
+        let down = d.down.read_host_bf16();
+        let gate = d.gate.map(|g| g.read_host_bf16());
+        let w = FfnWeights { gate_up: &gate_up, down: &down, inter: d.inter };
+        parts.push(refmoe::dense_ffn(&x, hidden, &w, gate.as_deref(), c.act));
+    }
+    Ok(parts)
+}
+
+/// # Safety
+/// The checked matrices must be valid host memory.
+unsafe fn cpu_write_out(c: &FfnChecked, parts: &[Vec<f64>]) {
+    let existing = c.accumulate.then(|| c.out.read_host_bf16());
+    let refs: Vec<&[f64]> = parts.iter().map(|p| p.as_slice()).collect();
+    let out = refmoe::combine(&refs, existing.as_deref());
+    super::MatrixMut(c.out).write_host(&out);
+}
+
+/// `out = Σ_j w_j · Down_e(act(Gate_e · x) ⊙ (Up_e · x)) + gate · Dense(x) [+ out]` with fp32 accumulation
+/// and one rounding; the intermediates live in the workspace.
+///
+/// # Safety
+/// Every address must point to memory of the context's kind holding the extent its shape describes;
+/// `topk_ids` must hold experts in [0, experts) and the offsets/slots must be those [`topk_router`] built
+/// for them.
+pub unsafe fn expert_ffn(ctx: &Context, a: &ExpertFfnArgs, stream: Stream) -> Result<()> {
+    ctx.check_stream(stream)?;
+    let c = validate_ffn(a, true, &mut Regions(0))?;
+    match ctx.backend() {
+        Backend::Cpu => {
+            let slots = c.routed.as_ref().map_or(0, |r| r.ids.cols);
+            let (ids, weights) = match &c.routed {
+                Some(r) => (host_read::<i32>(r.ids.ptr, slots), host_read::<f32>(r.weights.ptr, slots)),
+                None => (Vec::new(), Vec::new()),
+            };
+            let parts = cpu_ffn_parts(&c, &ids, &weights)?;
+            cpu_write_out(&c, &parts);
+            Ok(())
+        }
+        Backend::Cuda(device) => {
+            ffn_device_check(device, &c, true)?;
+            launch_ffn(device, &c, stream)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The whole block
+// ---------------------------------------------------------------------------------------------------------
+
+/// Arguments of [`moe_forward`]: the router, the routed experts (their routing fields are ignored: the
+/// block builds the routing in its workspace) and the optional dense FFN.
+#[derive(Clone, Copy, Debug)]
+pub struct MoeForwardArgs {
+    pub ffn: ExpertFfnArgs,
+    /// bf16 [experts, hidden].
+    pub router_weight: u64,
+    /// bf16 [hidden], 0 for no input transform.
+    pub router_input_scale: u64,
+    pub router_eps: f32,
+    pub scoring: Scoring,
+    pub renormalize: bool,
+    /// fp32 [experts], 0 for none.
+    pub expert_scale: u64,
+}
+
+/// Byte offsets of the routing that [`moe_forward`] leaves in its workspace (valid after the call; the
+/// tests read it to check the block's routing exactly).
+#[derive(Clone, Copy, Debug)]
+pub struct BlockLayout {
+    /// fp32 [T, E].
+    pub logits: usize,
+    /// int32 [T, k].
+    pub ids: usize,
+    /// fp32 [T, k].
+    pub weights: usize,
+    /// int32 [E].
+    pub counts: usize,
+    /// int32 [E + 1].
+    pub offsets: usize,
+    /// int32 [T·k].
+    pub sorted: usize,
+    ffn: FfnLayout,
+}
+
+impl BlockLayout {
+    pub fn total(&self) -> usize {
+        self.ffn.total
+    }
+}
+
+fn block_layout(tokens: usize, experts: usize, top_k: usize, inter: usize, dense_inter: usize) -> BlockLayout {
+    let mut r = Regions(0);
+    let logits = r.take(tokens * experts * 4);
+    let ids = r.take(tokens * top_k * 4);
+    let weights = r.take(tokens * top_k * 4);
+    let counts = r.take(experts * 4);
+    let offsets = r.take((experts + 1) * 4);
+    let sorted = r.take(tokens * top_k * 4);
+    let ffn = ffn_layout(tokens, top_k, inter, dense_inter, &mut r);
+    BlockLayout { logits, ids, weights, counts, offsets, sorted, ffn }
+}
+
+/// Workspace bytes of [`moe_forward`] (`dense_inter` 0 without a dense FFN). Each region rounded up to
+/// 256 bytes: `r(T·E·4) + 2·r(T·k·4) + r(E·4) + r((E+1)·4) + r(T·k·4) + r(T·k·I·2) + r(T·I_dense·2) + r(T·4)`.
+pub fn moe_forward_workspace_size(
+    tokens: i64,
+    experts: i64,
+    top_k: i64,
+    inter: i64,
+    dense_inter: i64,
+) -> Result<usize> {
+    Ok(moe_forward_layout(tokens, experts, top_k, inter, dense_inter)?.total())
+}
+
+/// Where [`moe_forward`] places its routing in the workspace.
+pub fn moe_forward_layout(tokens: i64, experts: i64, top_k: i64, inter: i64, dense_inter: i64) -> Result<BlockLayout> {
+    let t = check_dim("tokens", tokens, MAX_TOKENS)?;
+    let e = check_experts(experts)?;
+    let k = check_top_k(top_k, e)?;
+    let i = check_inter("inter", inter)?;
+    let di = if dense_inter == 0 { 0 } else { check_inter("dense_inter", dense_inter)? };
+    Ok(block_layout(t, e, k, i, di))
+}
+
+/// The MoE block: router GEMM → top-k + expert index → routed experts + dense FFN, on `stream`, with no
+/// host synchronisation (capturable in a CUDA graph). Scratch lives in `ffn.workspace`, of at least
+/// [`moe_forward_workspace_size`] bytes.
+///
+/// # Safety
+/// Every address must point to memory of the context's kind holding the extent its shape describes.
+pub unsafe fn moe_forward(ctx: &Context, a: &MoeForwardArgs, stream: Stream) -> Result<()> {
+    ctx.check_stream(stream)?;
+    let routed =
+        a.ffn.routed.ok_or_else(|| Error::invalid("routed: the MoE block needs its routed experts' weights"))?;
+    let t = check_dim("tokens", a.ffn.tokens, MAX_TOKENS)?;
+    let e = check_experts(routed.experts)?;
+    let k = check_top_k(routed.top_k, e)?;
+    let i = check_inter("inter", routed.inter)?;
+    let di = match &a.ffn.dense {
+        Some(d) => check_inter("dense_inter", d.inter)?,
+        None => 0,
+    };
+    let layout = block_layout(t, e, k, i, di);
+    let mut regions = Regions(layout.ffn.h_routed);
+    let mut ffn = validate_ffn(&a.ffn, false, &mut regions)?;
+    let ws = a.ffn.workspace;
+    let at = |off: usize| ws + off as u64;
+    let router_args = RouterGemmArgs {
+        x: a.ffn.x,
+        x_row_stride: a.ffn.x_row_stride,
+        weight: a.router_weight,
+        input_scale: a.router_input_scale,
+        eps: a.router_eps,
+        logits: at(layout.logits),
+        logits_row_stride: 0,
+        tokens: a.ffn.tokens,
+        hidden: a.ffn.hidden,
+        experts: routed.experts,
+    };
+    let router = validate_router(&router_args).map_err(rename_router_error)?;
+    let topk_args = TopkArgs {
+        logits: at(layout.logits),
+        logits_row_stride: 0,
+        tokens: a.ffn.tokens,
+        experts: routed.experts,
+        top_k: routed.top_k,
+        scoring: a.scoring,
+        renormalize: a.renormalize,
+        expert_scale: a.expert_scale,
+        topk_ids: at(layout.ids),
+        topk_weights: at(layout.weights),
+        expert_counts: at(layout.counts),
+        expert_offsets: at(layout.offsets),
+        sorted_slots: at(layout.sorted),
+    };
+    let topk = validate_topk(&topk_args)?;
+    if let Some(r) = ffn.routed.as_mut() {
+        r.ids = topk.ids;
+        r.weights = topk.weights;
+        r.offsets = topk.offsets;
+        r.sorted = topk.sorted;
+    }
+    let ws_matrix = vector("workspace", ws, layout.ffn.total, 1, 1)?;
+    if ws_matrix.overlaps(&router.weight) || router.scale.is_some_and(|s| ws_matrix.overlaps(&s)) {
+        return Err(Error::invalid("workspace: overlaps the router weights"));
+    }
+    if topk.scale.is_some_and(|s| ws_matrix.overlaps(&s)) {
+        return Err(Error::invalid("workspace: overlaps expert_scale"));
+    }
+    match ctx.backend() {
+        Backend::Cpu => {
+            let x = ffn.x.read_host_bf16();
+            let w = router.weight.read_host_bf16();
+            let scale = router.scale.map(|s| s.read_host_bf16());
+            let transform = scale.as_deref().map(|s| RouterTransform { scale: s, eps: router.eps });
+            let logits = refmoe::router_logits(&x, t, ffn.x.cols, &w, e, transform);
+            let expert_scale = topk.scale.map(|s| host_read::<f32>(s.ptr, e));
+            let cfg = TopkConfig {
+                top_k: k,
+                scoring: a.scoring,
+                renormalize: a.renormalize,
+                expert_scale: expert_scale.as_deref(),
+            };
+            let routing = refmoe::topk_router(&logits, t, e, &cfg);
+            // The routing is left in the workspace as on the GPU.
+            host_write(at(layout.logits), &logits);
+            host_write(at(layout.ids), &routing.ids);
+            host_write(at(layout.weights), &routing.weights);
+            host_write(at(layout.counts), &routing.counts);
+            host_write(at(layout.offsets), &routing.offsets);
+            host_write(at(layout.sorted), &routing.sorted_slots);
+            let parts = cpu_ffn_parts(&ffn, &routing.ids, &routing.weights)?;
+            cpu_write_out(&ffn, &parts);
+            Ok(())
+        }
+        Backend::Cuda(device) => {
+            let mut ms = vec![("router_weight", &router.weight)];
+            if let Some(s) = &router.scale {
+                ms.push(("router_input_scale", s));
+            }
+            if let Some(s) = &topk.scale {
+                ms.push(("expert_scale", s));
+            }
+            check_all_on_device(device, &ms)?;
+            ffn_device_check(device, &ffn, false)?;
+            launch_router(device, &router, stream)?;
+            launch_topk(device, &topk, stream)?;
+            launch_ffn(device, &ffn, stream)
+        }
+    }
+}
+
+/// The router's own argument names become the block's (`weight` → `router_weight`).
+fn rename_router_error(err: Error) -> Error {
+    let message = if let Some(rest) = err.message.strip_prefix("weight:") {
+        format!("router_weight:{rest}")
+    } else if let Some(rest) = err.message.strip_prefix("input_scale:") {
+        format!("router_input_scale:{rest}")
+    } else if let Some(rest) = err.message.strip_prefix("eps:") {
+        format!("router_eps:{rest}")
+    } else {
+        err.message
+    };
+    Error::new(err.status, message)
+}
+
+/// Distinct experts' bytes a decode call must read at least: used by the benchmarks' byte floors.
+pub fn expert_bytes(hidden: usize, inter: usize) -> usize {
+    3 * hidden * inter * 2
 }

@@ -1,0 +1,322 @@
+// Expert FFN over routed tokens plus an optional dense (shared) FFN, in two launches:
+//
+//   gate_up:  h[slot, i] = bf16(act(gate_e[i] . x_t) * (up_e[i] . x_t))   for every selected (token, expert)
+//   down:     out[t, n]  = bf16(sum_j w_tj * down_e[n] . h[slot_tj] + gate_t * dense_down[n] . h_dense[t] (+ out))
+//
+// The routing stays on the GPU: a block of the gate_up grid is a position p of the expert-sorted slot list
+// and works only if p starts its expert's segment (p == expert_offsets[e]), so each selected expert's gate
+// and up rows are read once for all its tokens, all experts in one launch; the other blocks exit at once.
+// The down kernel gives each warp one output row and walks the slots in expert-sorted order: at decode it
+// fetches the routing of 32 slots at once and keeps the down rows of four slots in flight together (rows
+// of one expert repeat only for its own tokens and are served by L1/L2); for prefill it walks each expert
+// segment's slots of its token chunk. The top-k sum is accumulated in fp32 in a fixed order
+// (deterministic, no atomics) with a single rounding at the end.
+#include "common/common.cuh"
+
+constexpr int FFN_WARPS = 8;
+constexpr int FFN_UNROLL = 4;
+constexpr int ACT_SILU = 0;
+constexpr int ACT_GELU_TANH = 1;
+
+template <int ACT> SPK_DEVICE float activation(float g) {
+    if (ACT == ACT_SILU) return g / (1.0f + expf(-g));
+    const float k0 = 0.7978845608028654f;  // sqrt(2 / pi)
+    return 0.5f * g * (1.0f + tanhf(k0 * (g + 0.044715f * g * g * g)));
+}
+
+// One warp computes intermediate row `row` (gate row `row`, up row `inter + row` of `w`) for up to MT
+// tokens whose x rows are `x_rows[m]` and writes bf16(act(g) * u) to `h_rows[m] + row`.
+template <int ACT, int MT>
+SPK_DEVICE void gate_up_rows(const bf16_t* __restrict__ w, int inter, int hidden, int row,
+                             const bf16_t* const (&x_rows)[MT], bf16_t* const (&h_rows)[MT], int nt) {
+    const int lane = threadIdx.x & 31;
+    const bf16_t* g_row = w + (i64)row * hidden;
+    const bf16_t* u_row = w + (i64)(inter + row) * hidden;
+    const int num_vec = hidden >> 3;
+    float acc_g[MT], acc_u[MT];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) acc_g[m] = acc_u[m] = 0.0f;
+    for (int base = 0; base < num_vec; base += 32 * FFN_UNROLL) {
+        uint4 gv[FFN_UNROLL], uv[FFN_UNROLL];
+#pragma unroll
+        for (int u = 0; u < FFN_UNROLL; ++u) {
+            const int v = base + u * 32 + lane;
+            gv[u] = v < num_vec ? load_u128_stream(g_row + (i64)v * 8) : make_uint4(0, 0, 0, 0);
+            uv[u] = v < num_vec ? load_u128_stream(u_row + (i64)v * 8) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < FFN_UNROLL; ++u) {
+            const int v = base + u * 32 + lane;
+            if (v < num_vec) {
+                float gf[8], uf[8];
+                bf16x8_to_f32(gv[u], gf);
+                bf16x8_to_f32(uv[u], uf);
+#pragma unroll
+                for (int m = 0; m < MT; ++m) {
+                    if (m < nt) {
+                        float xf[8];
+                        bf16x8_to_f32(load_u128_ro(x_rows[m] + (i64)v * 8), xf);
+#pragma unroll
+                        for (int j = 0; j < 8; ++j) {
+                            acc_g[m] = fmaf(gf[j], xf[j], acc_g[m]);
+                            acc_u[m] = fmaf(uf[j], xf[j], acc_u[m]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+        acc_g[m] = warp_reduce_sum(acc_g[m]);
+        acc_u[m] = warp_reduce_sum(acc_u[m]);
+    }
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+        if (lane == m && m < nt) h_rows[m][row] = f32_to_bf16(activation<ACT>(acc_g[m]) * acc_u[m]);
+    }
+}
+
+// grid.x: num_slots routed positions, plus one for the dense FFN when present; grid.y: row tiles of
+// FFN_WARPS intermediate rows, sized for the larger of the two intermediates.
+template <int ACT, int MT>
+__global__ void __launch_bounds__(FFN_WARPS * 32) expert_gate_up_kernel(
+    const bf16_t* __restrict__ x, i64 x_row_stride, int top_k, int hidden, const bf16_t* __restrict__ gate_up,
+    int inter, const int* __restrict__ topk_ids, const int* __restrict__ expert_offsets,
+    const int* __restrict__ sorted_slots, int num_slots, bf16_t* __restrict__ h_routed, int tokens,
+    const bf16_t* __restrict__ dense_gate_up, int dense_inter, const bf16_t* __restrict__ dense_gate_weight,
+    bf16_t* __restrict__ h_dense, float* __restrict__ dense_gate) {
+    const int warp = threadIdx.x >> 5;
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.y * FFN_WARPS + warp;
+    const bf16_t* x_rows[MT];
+    bf16_t* h_rows[MT];
+
+    if ((int)blockIdx.x < num_slots) {
+        const int p = blockIdx.x;
+        const int e = topk_ids[sorted_slots[p]];
+        if (expert_offsets[e] != p) return;  // not the first position of its expert's segment
+        if (row >= inter) return;
+        const int end = expert_offsets[e + 1];
+        const bf16_t* w = gate_up + (i64)e * 2 * inter * hidden;
+        // More than MT tokens on one expert (prefill) take several passes; the rows stay in L1/L2.
+        for (int q = p; q < end; q += MT) {
+            const int nt = min(MT, end - q);
+#pragma unroll
+            for (int m = 0; m < MT; ++m) {
+                const int s = sorted_slots[q + min(m, nt - 1)];
+                x_rows[m] = x + (i64)(s / top_k) * x_row_stride;
+                h_rows[m] = h_routed + (i64)s * inter;
+            }
+            gate_up_rows<ACT, MT>(w, inter, hidden, row, x_rows, h_rows, nt);
+        }
+        return;
+    }
+
+    // The dense FFN: every token, weight 1. The gate sigmoid(x . w_sg) of token t is computed by warp
+    // t mod (warps in the dense column), so prefill spreads it over the column.
+    if (dense_gate_weight != nullptr) {
+        const int num_vec = hidden >> 3;
+        for (int t = row; t < tokens; t += gridDim.y * FFN_WARPS) {
+            float acc = 0.0f;
+            for (int v = lane; v < num_vec; v += 32) {
+                float xf[8], wf[8];
+                bf16x8_to_f32(load_u128_ro(x + (i64)t * x_row_stride + (i64)v * 8), xf);
+                bf16x8_to_f32(load_u128_ro(dense_gate_weight + (i64)v * 8), wf);
+#pragma unroll
+                for (int j = 0; j < 8; ++j) acc = fmaf(xf[j], wf[j], acc);
+            }
+            acc = warp_reduce_sum(acc);
+            if (lane == 0) dense_gate[t] = 1.0f / (1.0f + expf(-acc));
+        }
+    }
+    if (row >= dense_inter) return;
+    for (int t0 = 0; t0 < tokens; t0 += MT) {
+        const int nt = min(MT, tokens - t0);
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+            const int t = t0 + min(m, nt - 1);
+            x_rows[m] = x + (i64)t * x_row_stride;
+            h_rows[m] = h_dense + (i64)t * dense_inter;
+        }
+        gate_up_rows<ACT, MT>(dense_gate_up, dense_inter, hidden, row, x_rows, h_rows, nt);
+    }
+}
+
+// dot(w_row[0:len], h[0:len]) over a warp, every lane gets the sum.
+SPK_DEVICE float warp_dot(const bf16_t* __restrict__ w_row, const bf16_t* __restrict__ h, int len) {
+    const int lane = threadIdx.x & 31;
+    const int num_vec = len >> 3;
+    float acc = 0.0f;
+    for (int base = 0; base < num_vec; base += 32 * FFN_UNROLL) {
+        uint4 wv[FFN_UNROLL];
+#pragma unroll
+        for (int u = 0; u < FFN_UNROLL; ++u) {
+            const int v = base + u * 32 + lane;
+            wv[u] = v < num_vec ? load_u128_stream(w_row + (i64)v * 8) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < FFN_UNROLL; ++u) {
+            const int v = base + u * 32 + lane;
+            if (v < num_vec) {
+                float wf[8], hf[8];
+                bf16x8_to_f32(wv[u], wf);
+                bf16x8_to_f32(load_u128(h + (i64)v * 8), hf);
+#pragma unroll
+                for (int j = 0; j < 8; ++j) acc = fmaf(wf[j], hf[j], acc);
+            }
+        }
+    }
+    return warp_reduce_sum(acc);
+}
+
+// First position in sorted_slots[lo, hi) whose slot is >= target (slots ascend inside a segment).
+SPK_DEVICE int lower_bound_slot(const int* __restrict__ sorted_slots, int lo, int hi, int target) {
+    while (lo < hi) {
+        const int mid = (lo + hi) >> 1;
+        if (sorted_slots[mid] < target) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
+constexpr int DOWN_GROUP = 4;
+
+// Dots of up to DOWN_GROUP (row, vector) pairs of lengths len[g] (0 = absent) over a warp; every lane gets
+// the sums. The loads of all rows are issued before the first use: at decode the rows belong to different
+// experts, independent DRAM reads whose latencies overlap instead of adding up.
+SPK_DEVICE void warp_dot_group(const bf16_t* const (&w)[DOWN_GROUP], const bf16_t* const (&h)[DOWN_GROUP],
+                               const int (&len)[DOWN_GROUP], float (&out)[DOWN_GROUP]) {
+    const int lane = threadIdx.x & 31;
+    int max_vec = 0;
+#pragma unroll
+    for (int g = 0; g < DOWN_GROUP; ++g) max_vec = max(max_vec, len[g] >> 3);
+    float acc[DOWN_GROUP];
+#pragma unroll
+    for (int g = 0; g < DOWN_GROUP; ++g) acc[g] = 0.0f;
+    for (int base = 0; base < max_vec; base += 64) {
+        uint4 wv[DOWN_GROUP][2];
+#pragma unroll
+        for (int g = 0; g < DOWN_GROUP; ++g) {
+#pragma unroll
+            for (int u = 0; u < 2; ++u) {
+                const int v = base + u * 32 + lane;
+                wv[g][u] = v < (len[g] >> 3) ? load_u128_stream(w[g] + (i64)v * 8) : make_uint4(0, 0, 0, 0);
+            }
+        }
+#pragma unroll
+        for (int g = 0; g < DOWN_GROUP; ++g) {
+#pragma unroll
+            for (int u = 0; u < 2; ++u) {
+                const int v = base + u * 32 + lane;
+                if (v < (len[g] >> 3)) {
+                    float wf[8], hf[8];
+                    bf16x8_to_f32(wv[g][u], wf);
+                    bf16x8_to_f32(load_u128(h[g] + (i64)v * 8), hf);
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) acc[g] = fmaf(wf[j], hf[j], acc[g]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int g = 0; g < DOWN_GROUP; ++g) out[g] = warp_reduce_sum(acc[g]);
+}
+
+// grid.x: row tiles of FFN_WARPS output rows; grid.y: chunks of 32 tokens. Lane m of a warp accumulates
+// token t0 + m of the warp's output row. Both paths add the routed terms in expert-sorted order, then the
+// dense term, then the existing output: a fixed order, so results are deterministic.
+__global__ void __launch_bounds__(FFN_WARPS * 32) expert_down_kernel(
+    int tokens, int top_k, int hidden, const bf16_t* __restrict__ down, int inter, const int* __restrict__ topk_ids,
+    const float* __restrict__ topk_weights, const int* __restrict__ expert_offsets,
+    const int* __restrict__ sorted_slots, int num_slots, const bf16_t* __restrict__ h_routed,
+    const bf16_t* __restrict__ dense_down, int dense_inter, const bf16_t* __restrict__ h_dense,
+    const float* __restrict__ dense_gate, bf16_t* __restrict__ out, i64 out_row_stride, int accumulate) {
+    const int lane = threadIdx.x & 31;
+    const int n = blockIdx.x * FFN_WARPS + (threadIdx.x >> 5);
+    if (n >= hidden) return;
+    const int t0 = blockIdx.y * 32;
+    const int nt = min(32, tokens - t0);
+    float acc = 0.0f;
+
+    if (gridDim.y == 1) {
+        // Decode (at most 32 tokens): the items are every routed slot in sorted order, then the dense FFN
+        // per token. Lanes fetch the routing of 32 items at once, then the warp runs them DOWN_GROUP at a
+        // time with all their row loads in flight.
+        const int n_items = num_slots + (dense_down != nullptr ? nt : 0);
+        for (int base = 0; base < n_items; base += 32) {
+            const int it = base + lane;
+            const bf16_t* my_w = nullptr;
+            const bf16_t* my_h = nullptr;
+            int my_len = 0;
+            float my_scale = 0.0f;
+            int my_target = -1;
+            if (it < num_slots) {
+                const int s = sorted_slots[it];
+                const int e = topk_ids[s];
+                my_w = down + ((i64)e * hidden + n) * inter;
+                my_h = h_routed + (i64)s * inter;
+                my_len = inter;
+                my_scale = topk_weights[s];
+                my_target = s / top_k;
+            } else if (it < n_items) {
+                const int m = it - num_slots;
+                my_w = dense_down + (i64)n * dense_inter;
+                my_h = h_dense + (i64)m * dense_inter;
+                my_len = dense_inter;
+                my_scale = dense_gate != nullptr ? dense_gate[m] : 1.0f;
+                my_target = m;
+            }
+            const int count = min(32, n_items - base);
+            for (int g0 = 0; g0 < count; g0 += DOWN_GROUP) {
+                const bf16_t* w[DOWN_GROUP];
+                const bf16_t* h[DOWN_GROUP];
+                int len[DOWN_GROUP];
+                float d[DOWN_GROUP];
+#pragma unroll
+                for (int g = 0; g < DOWN_GROUP; ++g) {
+                    // Lanes past the last item hold my_len = 0: their slots in the group are absent.
+                    w[g] = (const bf16_t*)__shfl_sync(0xffffffffu, (unsigned long long)my_w, g0 + g);
+                    h[g] = (const bf16_t*)__shfl_sync(0xffffffffu, (unsigned long long)my_h, g0 + g);
+                    len[g] = __shfl_sync(0xffffffffu, my_len, g0 + g);
+                }
+                warp_dot_group(w, h, len, d);
+#pragma unroll
+                for (int g = 0; g < DOWN_GROUP; ++g) {
+                    const float scale = __shfl_sync(0xffffffffu, my_scale, g0 + g);
+                    const int target = __shfl_sync(0xffffffffu, my_target, g0 + g);
+                    if (lane == target) acc = fmaf(scale, d[g], acc);
+                }
+            }
+        }
+    } else {
+        // Prefill: each expert segment's slots of this token chunk, found by binary search.
+        const int slot_lo = t0 * top_k;
+        const int slot_hi = (t0 + nt) * top_k;
+        for (int p = 0; p < num_slots;) {
+            const int e = topk_ids[sorted_slots[p]];
+            const int end = expert_offsets[e + 1];
+            const bf16_t* w_row = down + ((i64)e * hidden + n) * inter;
+            for (int q = lower_bound_slot(sorted_slots, p, end, slot_lo); q < end; ++q) {
+                const int s = sorted_slots[q];
+                if (s >= slot_hi) break;
+                const float d = warp_dot(w_row, h_routed + (i64)s * inter, inter);
+                if (lane == s / top_k - t0) acc = fmaf(topk_weights[s], d, acc);
+            }
+            p = end;
+        }
+        if (dense_down != nullptr) {
+            const bf16_t* w_row = dense_down + (i64)n * dense_inter;
+            for (int m = 0; m < nt; ++m) {
+                const float d = warp_dot(w_row, h_dense + (i64)(t0 + m) * dense_inter, dense_inter);
+                const float scale = dense_gate != nullptr ? dense_gate[t0 + m] : 1.0f;
+                if (lane == m) acc = fmaf(scale, d, acc);
+            }
+        }
+    }
+    if (lane < nt) {
+        bf16_t* o = out + (i64)(t0 + lane) * out_row_stride + n;
+        if (accumulate) acc += bf16_to_f32(*o);
+        *o = f32_to_bf16(acc);
+    }
+}

@@ -38,7 +38,7 @@ for step in "${steps[@]}"; do
     sanitize)
       for tool in memcheck racecheck; do
         for t in .gpu/tests/gpu_*; do
-          run_step "$tool-$(basename "$t")" compute-sanitizer --tool "$tool" --error-exitcode 9 "$t" --include-ignored --test-threads=1 ${SANITIZE_FILTER:-}
+          SPARKINFER_TEST_SMALL=1 run_step "$tool-$(basename "$t")" compute-sanitizer --tool "$tool" --error-exitcode 9 "$t" --include-ignored --test-threads=1 ${SANITIZE_FILTER:-}
           grep -E "ERROR SUMMARY|^test result" "$OUT/$tool-$(basename "$t").log" | head -5
         done
       done ;;

@@ -21,6 +21,12 @@ fn seed() -> u64 {
     s
 }
 
+/// Under compute-sanitizer (SPARKINFER_TEST_SMALL set) the shape lists shrink to their odd and boundary
+/// members, which keep every code path but run in minutes instead of hours.
+fn small() -> bool {
+    std::env::var_os("SPARKINFER_TEST_SMALL").is_some()
+}
+
 fn last_error() -> String {
     unsafe { CStr::from_ptr(sparkinfer_last_error()) }.to_string_lossy().into_owned()
 }
@@ -47,11 +53,14 @@ fn rmsnorm_matches_reference_on_odd_and_boundary_shapes() {
     let ctx = gpu();
     let stream = OwnStream::new(&ctx);
     let mut s = seed();
-    let dims = [8, 24, 256, 264, 2048, 2056, 2816, 4096, 8200, 16384];
-    let rows = [1, 3, 64, 257];
+    let (dims, rows): (&[usize], &[usize]) = if small() {
+        (&[8, 264, 2056, 16384], &[1, 3, 257])
+    } else {
+        (&[8, 24, 256, 264, 2048, 2056, 2816, 4096, 8200, 16384], &[1, 3, 64, 257])
+    };
     let mut failures = Vec::new();
-    for &dim in &dims {
-        for &r in &rows {
+    for &dim in dims {
+        for &r in rows {
             for (style, residual, pad, in_place) in [
                 (WeightStyle::Plain, false, 0, false),
                 (WeightStyle::OffsetOne, true, 8, false),

@@ -165,7 +165,8 @@ typedef struct sparkinfer_attention_decode_params {
   int64_t num_q_heads;
   int64_t num_kv_heads;
   int64_t head_dim;
-  // Bound on every seq_lens value; for a contiguous cache, the tokens it holds per sequence.
+  // Bound on every seq_lens value (at most 2^28); for a contiguous cache, the tokens it holds per
+  // sequence.
   int64_t max_seq_len;
   // Attend only the last `window` positions up to each query's own (Gemma 4 local: 1024), or
   // SPARKINFER_ATTENTION_NO_WINDOW. 0 is invalid.

@@ -89,7 +89,8 @@ pub struct sparkinfer_attention_decode_params {
     pub num_q_heads: i64,
     pub num_kv_heads: i64,
     pub head_dim: i64,
-    /// Bound on every seq_lens value; for a contiguous cache, the tokens it holds per sequence.
+    /// Bound on every seq_lens value (at most 2^28); for a contiguous cache, the tokens it holds per
+    /// sequence.
     pub max_seq_len: i64,
     /// Attend only the last `window` positions up to each query's own (Gemma 4 local: 1024), or
     /// SPARKINFER_ATTENTION_NO_WINDOW. 0 is invalid.

@@ -33,6 +33,8 @@ pub const MAX_Q_LEN: i64 = 8;
 /// Smallest and largest page of a paged cache, in tokens (a power of two).
 pub const MIN_PAGE_SIZE: i64 = 16;
 pub const MAX_PAGE_SIZE: i64 = 256;
+/// Largest max_seq_len (2^28 tokens).
+pub const MAX_SEQ_LEN: i64 = 1 << 28;
 /// Most KV splits of one (sequence, KV head): bounds the workspace and the combine's loop.
 pub const MAX_SPLITS: usize = 256;
 /// Threads per CTA of the decode kernel (DECODE_THREADS).
@@ -270,8 +272,9 @@ fn validate(a: &DecodeArgs, sm_count: usize) -> Result<Plan> {
             "num_q_heads: GQA group {hq}/{hkv} = {group} has no kernel; supported: 1, 2, 4, 8, 16"
         )));
     }
-    // Positions are int32 in the kernel, with room for the window arithmetic.
-    let max_len = check_dim("max_seq_len", a.max_seq_len, i32::MAX as i64 / 2)?;
+    // Positions are int32 in the kernel; this bound keeps every sum of a position, a window and a split
+    // offset below 2^31.
+    let max_len = check_dim("max_seq_len", a.max_seq_len, MAX_SEQ_LEN)?;
     if let Some(w) = a.window {
         if w <= 0 {
             return Err(Error::invalid(format!("window: {w} must be positive (or no window)")));
@@ -527,7 +530,8 @@ pub unsafe fn decode(ctx: &Context, a: &DecodeArgs, stream: Stream) -> Result<()
                 rows_total: plan.rows_total() as i32,
                 row_chunks: plan.row_chunks as i32,
                 max_len: plan.max_len as i32,
-                window: a.window.map_or(0, |w| w.min(i32::MAX as i64) as i32),
+                // A window longer than every position is no window; the clamp keeps `pos - window` in range.
+                window: a.window.map_or(0, |w| w.min((plan.max_len + plan.q_len) as i64) as i32),
                 causal: a.causal as i32,
                 num_splits: plan.splits as i32,
                 chunk_keys: plan.chunk_keys as i32,

@@ -168,10 +168,14 @@ fn model_shapes_at_long_context_and_large_batches() {
         c.window = window;
         c.scale = scale;
         cases.push(c.clone());
-        // A batch of 16 spread over 1K-32K, without lse.
-        c.lens = (0..16).map(|i| 1024 + i * 2000 + i % 3).collect();
-        c.lse = false;
-        cases.push(c);
+        // A batch of 16 spread over 1K-16K without lse (kept to 16K so that the host-side random data and
+        // reference stay within seconds), for the two full-attention layers of the models.
+        if window.is_none() && d >= 256 {
+            c.lens = (0..16).map(|i| 1024 + i * 1000 + i % 3).collect();
+            c.max_seq_len = 16384;
+            c.lse = false;
+            cases.push(c);
+        }
     }
     let mut wide = base(1, 16, 2, 256);
     wide.lens = vec![4096; 64];

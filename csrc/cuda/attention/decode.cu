@@ -72,11 +72,7 @@ template <int D, int ROWS> struct DecodeShared {
     float m[ROWS], l[ROWS], alpha[ROWS];
 };
 
-// cap * tanh(x / cap), with tanh(y) = 1 - 2 / (exp(2y) + 1): expf inlines, where tanhf's slow path is a
-// call whose saved registers spill; the absolute error (what the softmax sees) stays at f32 rounding.
-SPK_DEVICE float softcap_logit(float x, float cap) {
-    return cap > 0.0f ? cap * (1.0f - 2.0f / (expf(2.0f * x / cap) + 1.0f)) : x;
-}
+SPK_DEVICE float softcap_logit(float x, float cap) { return cap > 0.0f ? cap * tanhf(x / cap) : x; }
 
 SPK_DEVICE i64 cache_offset(const DecodeParams& p, int b, int j, int head, i64 s_seq, i64 s_tok, i64 s_head) {
     if (p.page_table == nullptr) return (i64)b * s_seq + (i64)j * s_tok + (i64)head * s_head;

@@ -2,7 +2,7 @@
 //! poisoned with NaN, outputs poisoned, compared with `reference` (CUDA) or the naive f64 formula below
 //! (CPU backend, whose op is the reference itself).
 
-use super::{f32s, CheckResult, ModelCheck};
+use super::{dense_rows, f32s, padding_writes, CheckResult, ModelCheck};
 use crate::error::Result;
 use crate::ops::attention::{self, CacheLayout, CacheTensor, DecodeArgs};
 use crate::ops::{Backend, Context, Stream};
@@ -35,13 +35,16 @@ pub struct DecodeCase {
     pub softcap: Option<f32>,
     pub layout: Layout,
     pub lse: bool,
+    /// Extra elements after each head row of q and out (a multiple of 8): exercises the activation strides,
+    /// and the output's padding must keep its poison.
+    pub act_pad: usize,
 }
 
 impl DecodeCase {
     /// A one-line description for failure messages.
     pub fn describe(&self) -> String {
         format!(
-            "Tq={} heads {}/{} hd{} lens {:?} max {} window {:?} causal {} scale {} softcap {:?} {:?}",
+            "Tq={} heads {}/{} hd{} lens {:?} max {} window {:?} causal {} scale {} softcap {:?} {:?} pad {}",
             self.q_len,
             self.num_q_heads,
             self.num_kv_heads,
@@ -52,7 +55,8 @@ impl DecodeCase {
             self.causal,
             self.scale,
             self.softcap,
-            self.layout
+            self.layout,
+            self.act_pad
         )
     }
 
@@ -251,16 +255,26 @@ pub fn check_decode(ctx: &Context, stream: Stream, case: &DecodeCase, seed: u64)
     let (q, k, v) = random_inputs(case, &mut rng);
     let order = page_order(case, &mut rng);
     let (kc, vc) = (place_cache(case, &k, &order), place_cache(case, &v, &order));
-    let (out, lse) = run_decode(ctx, stream, case, &q, &kc, &vc, &order)?;
+    let run = run_decode(ctx, stream, case, &q, &kc, &vc, &order)?;
     let (want_out, want_lse) = expected(ctx, case, &q, &k, &v);
     Ok(CheckResult {
-        out: Comparison::new(&out, &want_out),
-        residual: case.lse.then(|| compare_lse(&lse, &want_lse)),
-        stray_writes: 0,
+        out: Comparison::new(&run.out, &want_out),
+        residual: case.lse.then(|| compare_lse(&run.lse, &want_lse)),
+        stray_writes: run.stray_writes,
     })
 }
 
-/// Runs the op once on placed caches and returns (out, lse) (lse empty when the case has none).
+/// What one run of the op produced.
+pub struct DecodeRun {
+    /// Dense [batch, q_len, num_q_heads, head_dim].
+    pub out: Vec<f32>,
+    /// Empty when the case has no lse.
+    pub lse: Vec<f32>,
+    /// Elements of the output's head-row padding that lost their poison.
+    pub stray_writes: usize,
+}
+
+/// Runs the op once on placed caches (q given dense; laid out with the case's padding here).
 pub fn run_decode(
     ctx: &Context,
     stream: Stream,
@@ -269,15 +283,20 @@ pub fn run_decode(
     kc: &PhysicalCache,
     vc: &PhysicalCache,
     order: &[usize],
-) -> Result<(Vec<f32>, Vec<f32>)> {
+) -> Result<DecodeRun> {
     let rows = case.batch() * case.q_len * case.num_q_heads;
-    let q_buf = TestBuffer::from_slice(ctx, q)?;
+    let (d, pitch) = (case.head_dim, case.head_dim + case.act_pad);
+    let mut q_padded = vec![bf16::ZERO; rows * pitch];
+    for r in 0..rows {
+        q_padded[r * pitch..r * pitch + d].copy_from_slice(&q[r * d..(r + 1) * d]);
+    }
+    let q_buf = TestBuffer::from_slice(ctx, &q_padded)?;
     let k_buf = TestBuffer::from_slice(ctx, &kc.data)?;
     let v_buf = TestBuffer::from_slice(ctx, &vc.data)?;
     let lens_buf = TestBuffer::from_slice(ctx, &case.lens)?;
     let table: Vec<i32> = order.iter().map(|&p| p as i32).collect();
     let table_buf = TestBuffer::from_slice(ctx, if table.is_empty() { &[0i32][..] } else { &table })?;
-    let out_buf = TestBuffer::new(ctx, rows * case.head_dim * 2)?;
+    let out_buf = TestBuffer::new(ctx, rows * pitch * 2)?;
     let lse_buf = TestBuffer::new(ctx, rows * 4)?;
     out_buf.poison()?;
     lse_buf.poison()?;
@@ -290,9 +309,11 @@ pub fn run_decode(
     // Every address is a buffer allocated above with the extent the arguments describe.
     unsafe { attention::decode(ctx, &args, stream)? };
     stream.synchronize(ctx)?;
-    let out: Vec<bf16> = out_buf.download(rows * case.head_dim)?;
+    let raw: Vec<u16> = out_buf.download(rows * pitch)?;
+    let stray_writes = padding_writes(&raw, rows, d, pitch);
+    let out: Vec<bf16> = dense_rows(&raw.iter().map(|&b| bf16::from_bits(b)).collect::<Vec<_>>(), rows, d, pitch);
     let lse: Vec<f32> = if case.lse { lse_buf.download(rows)? } else { Vec::new() };
-    Ok((f32s(&out), lse))
+    Ok(DecodeRun { out: f32s(&out), lse, stray_writes })
 }
 
 /// The op's arguments for a case over the given buffers (no workspace yet).
@@ -317,15 +338,17 @@ pub fn decode_args(
         },
         _ => CacheLayout::Contiguous,
     };
+    let pitch = (case.head_dim + case.act_pad) as i64;
+    let strides = [case.q_len as i64 * case.num_q_heads as i64 * pitch, case.num_q_heads as i64 * pitch, pitch];
     DecodeArgs {
         q: q.ptr(),
-        q_strides: [0; 3],
+        q_strides: strides,
         k: CacheTensor { ptr: k.ptr(), ..kc.tensor },
         v: CacheTensor { ptr: v.ptr(), ..vc.tensor },
         layout,
         seq_lens: lens.ptr(),
         out: out.ptr(),
-        out_strides: [0; 3],
+        out_strides: strides,
         lse: if case.lse { lse.ptr() } else { 0 },
         workspace: 0,
         workspace_bytes: 0,
@@ -377,6 +400,7 @@ pub fn model_checks(cpu: bool) -> Vec<ModelCheck> {
                 softcap: None,
                 layout,
                 lse: true,
+                act_pad: if batch { 8 } else { 0 },
             };
             let variant = format!("Tq={q_len} B={} {layout:?}", case.batch());
             checks.push(ModelCheck {

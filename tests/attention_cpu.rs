@@ -335,6 +335,11 @@ fn bad_arguments_are_named() {
         assert_eq!(status, want, "{name}: {msg}");
         assert!(msg.starts_with(name), "expected the message to name {name:?}, got {msg:?}");
     }
+    let mut bad = good;
+    bad.head_dim = 96;
+    let mut bytes = 0usize;
+    assert_eq!(sparkinfer_attention_decode_workspace_size(pr.ctx, &bad, &mut bytes), SPARKINFER_STATUS_UNSUPPORTED);
+    assert!(last_error().starts_with("head_dim"));
     assert_eq!(sparkinfer_attention_decode(pr.ctx, null(), null_mut()), SPARKINFER_STATUS_INVALID_ARGUMENT);
     assert!(last_error().starts_with("params"));
     assert_eq!(sparkinfer_attention_decode(null(), &good, null_mut()), SPARKINFER_STATUS_INVALID_ARGUMENT);

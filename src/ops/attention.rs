@@ -374,7 +374,8 @@ fn validate(a: &DecodeArgs, sm_count: usize) -> Result<Plan> {
 /// whenever one split suffices). Pointers in `a` are not looked at.
 pub fn decode_workspace_size(ctx: &Context, a: &DecodeArgs) -> Result<usize> {
     match ctx.backend() {
-        Backend::Cpu => Ok(0),
+        // Checked all the same, so that a bad shape fails here as it would on a GPU.
+        Backend::Cpu => validate_shape_only(a, 1).map(|_| 0),
         Backend::Cuda(device) => Ok(validate_shape_only(a, device.info.sm_count as usize)?.workspace_bytes()),
     }
 }

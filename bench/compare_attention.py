@@ -197,6 +197,47 @@ def cases():
     return out
 
 
+def _prefill_case(lib, ctx, t=2048):
+    """Causal prefill of a T-token chunk that is the whole sequence, Qwen3.5 shape, against flash SDPA."""
+    hq, hkv, d, scale = QWEN
+    dev = torch.device("cuda")
+    q = torch.randn(1, t, hq, d, device=dev, dtype=torch.bfloat16) * (2.0 / (scale * math.sqrt(d)))
+    k = torch.randn(1, hkv, t, d, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(1, hkv, t, d, device=dev, dtype=torch.bfloat16)
+    out = torch.empty(1, t, hq, d, device=dev, dtype=torch.bfloat16)
+    seq_lens = torch.tensor([t], device=dev, dtype=torch.int32)
+    p = DecodeParams()
+    p.q, p.out, p.seq_lens = q.data_ptr(), out.data_ptr(), seq_lens.data_ptr()
+    p.k_cache = KvCache(k.data_ptr(), hkv * t * d, d, t * d, k.numel())
+    p.v_cache = KvCache(v.data_ptr(), hkv * t * d, d, t * d, v.numel())
+    p.cache_layout = SPARKINFER_KV_CACHE_CONTIGUOUS
+    p.batch, p.q_len, p.num_q_heads, p.num_kv_heads, p.head_dim, p.max_seq_len = 1, t, hq, hkv, d, t
+    p.window, p.causal, p.scale = SPARKINFER_ATTENTION_NO_WINDOW, 1, scale
+    stream = c_void_p(torch.cuda.current_stream().cuda_stream)
+    lib.sparkinfer_attention_prefill.argtypes = [c_void_p, POINTER(DecodeParams), c_void_p]
+
+    def ours():
+        _check(lib, lib.sparkinfer_attention_prefill(ctx, byref(p), stream), "prefill")
+
+    qt = q.transpose(1, 2)
+    kt = k.repeat_interleave(hq // hkv, dim=1)
+    vt = v.repeat_interleave(hq // hkv, dim=1)
+
+    def theirs():
+        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
+
+    ours()
+    want = theirs().transpose(1, 2).float()
+    torch.cuda.synchronize()
+    err = ((out.float() - want).norm() / want.norm()).item()
+    ours_us, torch_us = _time_us(ours, iters=50), _time_us(theirs, iters=50)
+    flops = 2.0 * t * t * d * hq
+    name = f"prefill qwen3.5 T={t} causal"
+    print(f"  {name:<36} output rel diff vs torch {err:.2e}; TFLOP/s ours {flops / ours_us / 1e6:.1f}, "
+          f"torch {flops / torch_us / 1e6:.1f}", file=sys.stderr)
+    return name, ours_us, torch_us
+
+
 def run(lib, ctx):
     """[(name, ours_us, torch_us)] for every case; also prints the output difference of each."""
     _declare(lib)
@@ -205,6 +246,7 @@ def run(lib, ctx):
         name, ours_us, torch_us, err = _case(lib, ctx, name, lens, hq, hkv, d, scale, **extra)
         print(f"  {name:<36} output rel diff vs torch {err:.2e}", file=sys.stderr)
         rows.append((name, ours_us, torch_us))
+    rows.append(_prefill_case(lib, ctx))
     return rows
 
 

@@ -27,6 +27,7 @@ fn case(q_len: usize, hq: usize, hkv: usize, d: usize, lens: &[i32], max: usize)
         layout: Layout::TokenMajor { pad: 0 },
         lse: true,
         act_pad: 0,
+        prefill: false,
     }
 }
 
@@ -354,4 +355,40 @@ fn bad_arguments_are_named() {
     assert_eq!(sparkinfer_attention_decode(pr.ctx, &good, fake_stream), SPARKINFER_STATUS_INVALID_ARGUMENT);
     assert!(last_error().starts_with("stream"));
     assert_eq!(pr.run(&good), SPARKINFER_STATUS_SUCCESS, "{}", last_error());
+}
+
+/// Prefill on the CPU backend (the reference) against the naive formula, and its argument checks.
+#[test]
+fn prefill_matches_the_definition_and_names_bad_arguments() {
+    let ctx = Context::new(DEVICE_CPU).unwrap();
+    for (q_len, hq, hkv, d, window, layout) in [
+        (20, 4, 2, 64, None, Layout::TokenMajor { pad: 0 }),
+        (33, 16, 2, 256, Some(7), Layout::Paged { page_size: 16 }),
+        (9, 8, 8, 128, None, Layout::HeadMajor),
+    ] {
+        let mut c = case(q_len, hq, hkv, d, &[q_len as i32, q_len as i32 + 11], q_len + 11);
+        c.window = window;
+        c.layout = layout;
+        c.prefill = true;
+        let r = check_decode(&ctx, Stream::NULL, &c, 5).unwrap();
+        assert!(r.passes(BF16_TOL), "{}: {r:?}", c.describe());
+    }
+    let mut c = qwen_case(Layout::TokenMajor { pad: 0 });
+    c.q_len = 40;
+    c.lens = vec![40, 40, 48];
+    let mut pr = Problem::new(c, 13);
+    let good = pr.params();
+    assert_eq!(sparkinfer_attention_prefill(pr.ctx, &good, null_mut()), SPARKINFER_STATUS_SUCCESS, "{}", last_error());
+    let mut p = good;
+    p.head_dim = 512;
+    p.num_q_heads = 16;
+    assert_eq!(sparkinfer_attention_prefill(pr.ctx, &p, null_mut()), SPARKINFER_STATUS_UNSUPPORTED);
+    assert!(last_error().starts_with("head_dim"), "{}", last_error());
+    let mut p = good;
+    p.q_len = 8193;
+    assert_eq!(sparkinfer_attention_prefill(pr.ctx, &p, null_mut()), SPARKINFER_STATUS_INVALID_ARGUMENT);
+    assert!(last_error().starts_with("q_len"), "{}", last_error());
+    // Decode keeps its limit of 8 new tokens.
+    assert_eq!(sparkinfer_attention_decode(pr.ctx, &good, null_mut()), SPARKINFER_STATUS_INVALID_ARGUMENT);
+    assert!(last_error().starts_with("q_len"), "{}", last_error());
 }

@@ -29,6 +29,7 @@ fn base(q_len: usize, hq: usize, hkv: usize, d: usize) -> DecodeCase {
         layout: Layout::TokenMajor { pad: 0 },
         lse: true,
         act_pad: 0,
+        prefill: false,
     }
 }
 
@@ -320,4 +321,44 @@ fn graph_replays_follow_the_lengths_in_device_memory() {
             );
         }
     }
+}
+
+/// Tensor-core prefill against the reference: every prefill head_dim, GQA groups, chunk lengths around the
+/// 64-row tile, a cached prefix, windows, paged caches and softcap.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn prefill_matches_the_reference() {
+    let gpu = Gpu::new();
+    let mut cases = Vec::new();
+    for d in [64, 128, 256] {
+        for (q_len, hq, hkv) in [(1, 4, 4), (17, 8, 1), (64, 16, 2), (65, 4, 2), (300, 4, 1)] {
+            for (window, layout) in [
+                (None, Layout::TokenMajor { pad: 0 }),
+                (Some(50), Layout::Paged { page_size: 32 }),
+                (None, Layout::HeadMajor),
+            ] {
+                let mut c = base(q_len, hq, hkv, d);
+                // A chunk starting the sequence, and one after a cached prefix of 700 tokens.
+                c.lens = vec![q_len as i32, q_len as i32 + 700];
+                c.max_seq_len = q_len + 700;
+                c.window = window;
+                c.layout = layout;
+                c.prefill = true;
+                cases.push(c);
+            }
+        }
+    }
+    let mut capped = base(100, 16, 8, 256);
+    capped.lens = vec![100, 612];
+    capped.max_seq_len = 612;
+    capped.softcap = Some(30.0);
+    capped.scale = 1.0;
+    capped.prefill = true;
+    cases.push(capped);
+    let mut long = base(2048, 2, 1, 128);
+    long.lens = vec![2048];
+    long.max_seq_len = 2048;
+    long.prefill = true;
+    cases.push(long);
+    run_cases(&gpu, &cases);
 }

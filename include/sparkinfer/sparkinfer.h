@@ -277,6 +277,14 @@ enum sparkinfer_status sparkinfer_attention_decode(const struct sparkinfer_conte
                                                    const struct sparkinfer_attention_decode_params *params,
                                                    sparkinfer_stream stream);
 
+// Runs prefill attention on `stream`: the same attention as sparkinfer_attention_decode for a chunk of
+// `q_len` = 1 to 8192 new tokens per sequence (the last q_len tokens of its cache), on tensor cores.
+// Takes the decode params; head_dim 64, 128 or 256 (512 is UNSUPPORTED); needs no workspace (the
+// workspace fields are ignored).
+enum sparkinfer_status sparkinfer_attention_prefill(const struct sparkinfer_context *ctx,
+                                                    const struct sparkinfer_attention_decode_params *params,
+                                                    sparkinfer_stream stream);
+
 // Number of CUDA devices. Fails with CUDA_UNAVAILABLE when there is no usable driver.
 enum sparkinfer_status sparkinfer_device_count(int32_t *count);
 

@@ -141,6 +141,64 @@ fn decode_row(b: &mut Bench, c: &Config) -> Result<Row> {
     Ok(Row { op: "attention".into(), shape: format!("{} {lens_text}{layout_text}", c.label), us, bytes: bytes as f64 })
 }
 
+/// Prefill of a T-token chunk that is the whole sequence (causal), Qwen3.5 shape; the shape text carries
+/// the achieved TFLOP/s (4·T²/2·D·Hq useful flops: QKᵀ and PV over the causal half).
+fn prefill_row(b: &mut Bench, t: usize) -> Result<Row> {
+    let (label, hq, hkv, d, scale) = QWEN;
+    let cache_elems = t * hkv * d;
+    let act_elems = t * hq * d;
+    let copies = copies_for(b.device, (2 * cache_elems + 2 * act_elems) * 2);
+    let k = Rotating::bf16(b.device, cache_elems, copies, &mut b.rng)?;
+    let v = Rotating::bf16(b.device, cache_elems, copies, &mut b.rng)?;
+    let q = Rotating::bf16(b.device, act_elems, copies, &mut b.rng)?;
+    let out = Rotating::output(b.device, act_elems * 2, copies)?;
+    let lens = DeviceBuffer::from_slice(b.device, &[t as i32])?;
+    let cache = |ptr: u64| CacheTensor {
+        ptr,
+        stride_seq: cache_elems as i64,
+        stride_token: (hkv * d) as i64,
+        stride_head: d as i64,
+        elems: cache_elems as i64,
+    };
+    let (ctx, stream) = (b.ctx, b.stream);
+    let us = time_launches(b.device, b.stream, b.iters, |i| {
+        let args = DecodeArgs {
+            q: q.ptr(i),
+            q_strides: [0; 3],
+            k: cache(k.ptr(i)),
+            v: cache(v.ptr(i)),
+            layout: CacheLayout::Contiguous,
+            seq_lens: lens.ptr(),
+            out: out.ptr(i),
+            out_strides: [0; 3],
+            lse: 0,
+            workspace: 0,
+            workspace_bytes: 0,
+            batch: 1,
+            q_len: t as i64,
+            num_q_heads: hq as i64,
+            num_kv_heads: hkv as i64,
+            head_dim: d as i64,
+            max_seq_len: t as i64,
+            window: None,
+            causal: true,
+            scale,
+            softcap: None,
+        };
+        // Every buffer above holds the extent the arguments describe, for every copy.
+        unsafe { attention::prefill(ctx, &args, stream) }
+    })?;
+    let flops = 2.0 * (t as f64) * (t as f64) * (d as f64) * (hq as f64);
+    Ok(Row {
+        op: "attention prefill".into(),
+        shape: format!("{label} T={t} ctx {t} causal: {:.1} TFLOP/s", flops / us / 1e6),
+        us,
+        bytes: ((2 * cache_elems + 2 * act_elems) * 2) as f64,
+    })
+}
+
 pub fn rows(b: &mut Bench) -> Result<Vec<Row>> {
-    configs().iter().map(|c| decode_row(b, c)).collect()
+    let mut rows: Vec<Row> = configs().iter().map(|c| decode_row(b, c)).collect::<Result<_>>()?;
+    rows.push(prefill_row(b, 2048)?);
+    Ok(rows)
 }

@@ -200,3 +200,21 @@ pub extern "C" fn sparkinfer_attention_decode(
         unsafe { attention::decode(ctx, &args, Stream::from_raw(stream)) }
     })
 }
+
+/// Runs prefill attention on `stream`: the same attention as sparkinfer_attention_decode for a chunk of
+/// `q_len` = 1 to 8192 new tokens per sequence (the last q_len tokens of its cache), on tensor cores.
+/// Takes the decode params; head_dim 64, 128 or 256 (512 is UNSUPPORTED); needs no workspace (the
+/// workspace fields are ignored).
+#[no_mangle]
+pub extern "C" fn sparkinfer_attention_prefill(
+    ctx: *const sparkinfer_context,
+    params: *const sparkinfer_attention_decode_params,
+    stream: sparkinfer_stream,
+) -> sparkinfer_status {
+    guard(|| {
+        let ctx = context_ref(ctx)?;
+        let args = decode_args(params_ref(params)?)?;
+        // The caller guarantees the stream and the pointers (header contract); shapes are checked inside.
+        unsafe { attention::prefill(ctx, &args, Stream::from_raw(stream)) }
+    })
+}

@@ -38,13 +38,16 @@ pub struct DecodeCase {
     /// Extra elements after each head row of q and out (a multiple of 8): exercises the activation strides,
     /// and the output's padding must keep its poison.
     pub act_pad: usize,
+    /// Run the tensor-core prefill op instead of decode (any q_len up to 8192).
+    pub prefill: bool,
 }
 
 impl DecodeCase {
     /// A one-line description for failure messages.
     pub fn describe(&self) -> String {
         format!(
-            "Tq={} heads {}/{} hd{} lens {:?} max {} window {:?} causal {} scale {} softcap {:?} {:?} pad {}",
+            "{} Tq={} heads {}/{} hd{} lens {:?} max {} window {:?} causal {} scale {} softcap {:?} {:?} pad {}",
+            if self.prefill { "prefill" } else { "decode" },
             self.q_len,
             self.num_q_heads,
             self.num_kv_heads,
@@ -301,13 +304,19 @@ pub fn run_decode(
     out_buf.poison()?;
     lse_buf.poison()?;
     let mut args = decode_args(case, &q_buf, &k_buf, &v_buf, kc, vc, &lens_buf, &table_buf, &out_buf, &lse_buf);
-    let ws_bytes = attention::decode_workspace_size(ctx, &args)?;
+    let ws_bytes = if case.prefill { 0 } else { attention::decode_workspace_size(ctx, &args)? };
     let ws_buf = TestBuffer::new(ctx, ws_bytes.max(16))?;
     ws_buf.poison()?;
     args.workspace = ws_buf.ptr();
     args.workspace_bytes = ws_bytes as u64;
     // Every address is a buffer allocated above with the extent the arguments describe.
-    unsafe { attention::decode(ctx, &args, stream)? };
+    unsafe {
+        if case.prefill {
+            attention::prefill(ctx, &args, stream)?
+        } else {
+            attention::decode(ctx, &args, stream)?
+        }
+    };
     stream.synchronize(ctx)?;
     let raw: Vec<u16> = out_buf.download(rows * pitch)?;
     let stray_writes = padding_writes(&raw, rows, d, pitch);
@@ -401,6 +410,7 @@ pub fn model_checks(cpu: bool) -> Vec<ModelCheck> {
                 layout,
                 lse: true,
                 act_pad: if batch { 8 } else { 0 },
+                prefill: false,
             };
             let variant = format!("Tq={q_len} B={} {layout:?}", case.batch());
             checks.push(ModelCheck {

@@ -1,6 +1,7 @@
 //! Decode attention (flash decode): 1 to 8 new query tokens per sequence against a bf16 KV cache,
 //! contiguous or paged, with GQA, causal masking among the new tokens, a sliding window and a logit
-//! softcap; split-KV over the key range with a log-sum-exp combine.
+//! softcap; split-KV over the key range with a log-sum-exp combine. Prefill (up to 8192 new tokens, head
+//! dims 64 to 256) takes the same arguments and runs on tensor cores (mma.sync).
 //!
 //! Specialisations are template constants: the head dimension D (64, 128, 256, 512) and the rows per CTA
 //! (a power of two ≥ group × Tq, capped per D so that shared memory stays within sm_120's 99 KiB per block).
@@ -82,7 +83,25 @@ fn decode_instantiations() -> Vec<String> {
         names.extend(row_options(d).map(|r| decode_name(d, r)));
         names.push(combine_name(d));
     }
+    names.extend(PREFILL_HEAD_DIMS.iter().map(|&d| prefill_name(d)));
     names
+}
+
+/// Head dimensions with a prefill kernel (an hd512 output tile does not fit a warp's registers).
+pub const PREFILL_HEAD_DIMS: [usize; 3] = [64, 128, 256];
+/// Most query tokens of one prefill call.
+pub const MAX_PREFILL_LEN: i64 = 8192;
+/// Query rows per prefill CTA and keys per tile (PREFILL_M, PREFILL_N).
+const PREFILL_M: usize = 64;
+const PREFILL_N: usize = 32;
+
+fn prefill_name(d: usize) -> String {
+    format!("attention_prefill_kernel<{d}>")
+}
+
+/// `sizeof(PrefillShared<D>)`: Q, one K and one V tile, rows padded by 8 elements.
+pub fn prefill_shared_bytes(d: usize) -> usize {
+    (PREFILL_M + 2 * PREFILL_N) * (d + 8) * 2
 }
 
 /// Where the K and V caches keep a sequence's tokens.
@@ -253,14 +272,14 @@ fn check_cache(
     Ok(())
 }
 
-fn validate(a: &DecodeArgs, sm_count: usize) -> Result<Plan> {
+fn validate(a: &DecodeArgs, sm_count: usize, max_q_len: i64) -> Result<Plan> {
     let d = a.head_dim;
     if !HEAD_DIMS.contains(&(d as usize)) || d <= 0 {
         return Err(Error::unsupported(format!("head_dim: {d} has no kernel; supported: 64, 128, 256, 512")));
     }
     let d = d as usize;
     let batch = check_dim("batch", a.batch, i32::MAX as i64 / 65536)?;
-    let q_len = check_dim("q_len", a.q_len, MAX_Q_LEN)?;
+    let q_len = check_dim("q_len", a.q_len, max_q_len)?;
     let hkv = check_dim("num_kv_heads", a.num_kv_heads, 1024)?;
     let hq = check_dim("num_q_heads", a.num_q_heads, 16 * 1024)?;
     if hq % hkv != 0 {
@@ -395,7 +414,7 @@ fn validate_shape_only(a: &DecodeArgs, sm_count: usize) -> Result<Plan> {
     if let CacheLayout::Paged { page_table, .. } = &mut probe.layout {
         *page_table = base * 7;
     }
-    validate(&probe, sm_count)
+    validate(&probe, sm_count, MAX_Q_LEN)
 }
 
 /// Mirror of `DecodeParams` in decode.cu, passed by value as the kernel's one argument.
@@ -442,6 +461,78 @@ struct KernelParams {
     softcap: f32,
 }
 
+/// Checks the device buffers of `a` and builds the kernel's parameters (no split partials).
+fn device_params(device: &crate::runtime::Device, a: &DecodeArgs, plan: &Plan) -> Result<KernelParams> {
+    let q_extent = extent_elems(
+        &[(plan.batch, plan.q_strides[0]), (plan.q_len, plan.q_strides[1]), (plan.hq, plan.q_strides[2])],
+        plan.d,
+    )
+    .unwrap_or(0);
+    let out_extent = extent_elems(
+        &[(plan.batch, plan.out_strides[0]), (plan.q_len, plan.out_strides[1]), (plan.hq, plan.out_strides[2])],
+        plan.d,
+    )
+    .unwrap_or(0);
+    device.check_buffer("q", a.q, q_extent * 2)?;
+    device.check_buffer("out", a.out, out_extent * 2)?;
+    device.check_buffer("k_cache", a.k.ptr, a.k.elems as u64 * 2)?;
+    device.check_buffer("v_cache", a.v.ptr, a.v.elems as u64 * 2)?;
+    device.check_buffer("seq_lens", a.seq_lens, plan.batch as u64 * 4)?;
+    if a.lse != 0 {
+        device.check_buffer("lse", a.lse, plan.output_rows() as u64 * 4)?;
+    }
+    let (page_table, page_table_stride, page_shift, num_pages) = match a.layout {
+        CacheLayout::Contiguous => (0, 0, 0, 0),
+        CacheLayout::Paged { page_table, page_table_stride, page_size, num_pages } => {
+            let pages = plan.max_len.div_ceil(page_size as usize);
+            let stride = if page_table_stride == 0 { pages } else { page_table_stride as usize };
+            device.check_buffer("page_table", page_table, (((plan.batch - 1) * stride + pages) * 4) as u64)?;
+            (page_table, stride as i64, page_size.trailing_zeros() as i32, num_pages as i32)
+        }
+    };
+    Ok(KernelParams {
+        q: a.q,
+        q_stride_batch: plan.q_strides[0] as i64,
+        q_stride_token: plan.q_strides[1] as i64,
+        q_stride_head: plan.q_strides[2] as i64,
+        k: a.k.ptr,
+        k_stride_seq: a.k.stride_seq,
+        k_stride_token: a.k.stride_token,
+        k_stride_head: a.k.stride_head,
+        v: a.v.ptr,
+        v_stride_seq: a.v.stride_seq,
+        v_stride_token: a.v.stride_token,
+        v_stride_head: a.v.stride_head,
+        seq_lens: a.seq_lens,
+        page_table,
+        page_table_stride,
+        out: a.out,
+        out_stride_batch: plan.out_strides[0] as i64,
+        out_stride_token: plan.out_strides[1] as i64,
+        out_stride_head: plan.out_strides[2] as i64,
+        lse: a.lse,
+        part_o: 0,
+        part_lse: 0,
+        batch: plan.batch as i32,
+        tq: plan.q_len as i32,
+        hq: plan.hq as i32,
+        hkv: plan.hkv as i32,
+        group: plan.group as i32,
+        rows_total: plan.rows_total() as i32,
+        row_chunks: plan.row_chunks as i32,
+        max_len: plan.max_len as i32,
+        // A window longer than every position is no window; the clamp keeps `pos - window` in range.
+        window: a.window.map_or(0, |w| w.min((plan.max_len + plan.q_len) as i64) as i32),
+        causal: a.causal as i32,
+        num_splits: plan.splits as i32,
+        chunk_keys: plan.chunk_keys as i32,
+        page_shift,
+        num_pages,
+        scale: a.scale,
+        softcap: a.softcap.unwrap_or(0.0),
+    })
+}
+
 /// Flash decode: `out[b, t, h] = softmax_j(mask(softcap(scale · q[b, t, h] · k[b, j, h / group])))ᵀ · v`.
 /// See [`DecodeArgs`] and the kernel for the masking rules.
 ///
@@ -453,12 +544,12 @@ pub unsafe fn decode(ctx: &Context, a: &DecodeArgs, stream: Stream) -> Result<()
     ctx.check_stream(stream)?;
     match ctx.backend() {
         Backend::Cpu => {
-            let plan = validate(a, 1)?;
+            let plan = validate(a, 1, MAX_Q_LEN)?;
             unsafe { decode_cpu(a, &plan) };
             Ok(())
         }
         Backend::Cuda(device) => {
-            let plan = validate(a, device.info.sm_count as usize)?;
+            let plan = validate(a, device.info.sm_count as usize, MAX_Q_LEN)?;
             let need = plan.workspace_bytes();
             if need > 0 {
                 if a.workspace == 0 || (a.workspace_bytes as usize) < need {
@@ -470,77 +561,12 @@ pub unsafe fn decode(ctx: &Context, a: &DecodeArgs, stream: Stream) -> Result<()
                 check_ptr("workspace", a.workspace, 16)?;
                 device.check_buffer("workspace", a.workspace, need as u64)?;
             }
-            let q_extent = extent_elems(
-                &[(plan.batch, plan.q_strides[0]), (plan.q_len, plan.q_strides[1]), (plan.hq, plan.q_strides[2])],
-                plan.d,
-            )
-            .unwrap_or(0);
-            let out_extent = extent_elems(
-                &[(plan.batch, plan.out_strides[0]), (plan.q_len, plan.out_strides[1]), (plan.hq, plan.out_strides[2])],
-                plan.d,
-            )
-            .unwrap_or(0);
-            device.check_buffer("q", a.q, q_extent * 2)?;
-            device.check_buffer("out", a.out, out_extent * 2)?;
-            device.check_buffer("k_cache", a.k.ptr, a.k.elems as u64 * 2)?;
-            device.check_buffer("v_cache", a.v.ptr, a.v.elems as u64 * 2)?;
-            device.check_buffer("seq_lens", a.seq_lens, plan.batch as u64 * 4)?;
-            if a.lse != 0 {
-                device.check_buffer("lse", a.lse, plan.output_rows() as u64 * 4)?;
+            let mut params = device_params(device, a, &plan)?;
+            if plan.splits > 1 {
+                params.part_o = a.workspace;
+                params.part_lse = a.workspace + (plan.output_rows() * plan.splits * plan.d * 4) as u64;
             }
-            let (page_table, page_table_stride, page_shift, num_pages) = match a.layout {
-                CacheLayout::Contiguous => (0, 0, 0, 0),
-                CacheLayout::Paged { page_table, page_table_stride, page_size, num_pages } => {
-                    let pages = plan.max_len.div_ceil(page_size as usize);
-                    let stride = if page_table_stride == 0 { pages } else { page_table_stride as usize };
-                    device.check_buffer("page_table", page_table, (((plan.batch - 1) * stride + pages) * 4) as u64)?;
-                    (page_table, stride as i64, page_size.trailing_zeros() as i32, num_pages as i32)
-                }
-            };
             let split = plan.splits > 1;
-            let part_o = if split { a.workspace } else { 0 };
-            let part_lse = if split { a.workspace + (plan.output_rows() * plan.splits * plan.d * 4) as u64 } else { 0 };
-            let mut params = KernelParams {
-                q: a.q,
-                q_stride_batch: plan.q_strides[0] as i64,
-                q_stride_token: plan.q_strides[1] as i64,
-                q_stride_head: plan.q_strides[2] as i64,
-                k: a.k.ptr,
-                k_stride_seq: a.k.stride_seq,
-                k_stride_token: a.k.stride_token,
-                k_stride_head: a.k.stride_head,
-                v: a.v.ptr,
-                v_stride_seq: a.v.stride_seq,
-                v_stride_token: a.v.stride_token,
-                v_stride_head: a.v.stride_head,
-                seq_lens: a.seq_lens,
-                page_table,
-                page_table_stride,
-                out: a.out,
-                out_stride_batch: plan.out_strides[0] as i64,
-                out_stride_token: plan.out_strides[1] as i64,
-                out_stride_head: plan.out_strides[2] as i64,
-                lse: a.lse,
-                part_o,
-                part_lse,
-                batch: plan.batch as i32,
-                tq: plan.q_len as i32,
-                hq: plan.hq as i32,
-                hkv: plan.hkv as i32,
-                group: plan.group as i32,
-                rows_total: plan.rows_total() as i32,
-                row_chunks: plan.row_chunks as i32,
-                max_len: plan.max_len as i32,
-                // A window longer than every position is no window; the clamp keeps `pos - window` in range.
-                window: a.window.map_or(0, |w| w.min((plan.max_len + plan.q_len) as i64) as i32),
-                causal: a.causal as i32,
-                num_splits: plan.splits as i32,
-                chunk_keys: plan.chunk_keys as i32,
-                page_shift,
-                num_pages,
-                scale: a.scale,
-                softcap: a.softcap.unwrap_or(0.0),
-            };
             let shared = decode_shared_bytes(plan.d, plan.rows);
             // Every (D, ROWS) pair of max_rows fits; this guards the table against a future edit.
             if shared > SHARED_LIMIT {
@@ -570,6 +596,47 @@ pub unsafe fn decode(ctx: &Context, a: &DecodeArgs, stream: Stream) -> Result<()
                 };
             }
             Ok(())
+        }
+    }
+}
+
+/// Prefill: the same attention as [`decode`] for a chunk of `q_len` = 1 to 8192 new tokens (the last
+/// `q_len` of each sequence's cache), on tensor cores. Head dimensions 64, 128 and 256; no workspace.
+///
+/// # Safety
+/// As [`decode`].
+pub unsafe fn prefill(ctx: &Context, a: &DecodeArgs, stream: Stream) -> Result<()> {
+    ctx.check_stream(stream)?;
+    if !PREFILL_HEAD_DIMS.iter().any(|&d| d as i64 == a.head_dim) && HEAD_DIMS.iter().any(|&d| d as i64 == a.head_dim) {
+        return Err(Error::unsupported(format!(
+            "head_dim: {} has no prefill kernel; prefill supports 64, 128, 256",
+            a.head_dim
+        )));
+    }
+    match ctx.backend() {
+        Backend::Cpu => {
+            let plan = validate(a, 1, MAX_PREFILL_LEN)?;
+            unsafe { decode_cpu(a, &plan) };
+            Ok(())
+        }
+        Backend::Cuda(device) => {
+            let plan = validate(a, device.info.sm_count as usize, MAX_PREFILL_LEN)?;
+            if plan.batch > 65535 {
+                return Err(Error::unsupported(format!("batch: {} exceeds the prefill grid's 65535", plan.batch)));
+            }
+            let mut params = device_params(device, a, &plan)?;
+            let shared = prefill_shared_bytes(plan.d);
+            if shared > SHARED_LIMIT {
+                return Err(Error::internal(format!(
+                    "prefill kernel D={} needs {shared} bytes of shared memory",
+                    plan.d
+                )));
+            }
+            let kernel = device.kernel(&DECODE_SOURCE, &prefill_name(plan.d))?;
+            kernel.set_max_dynamic_shared(shared as u32)?;
+            let grid = (plan.q_len.div_ceil(PREFILL_M) as u32, plan.hq as u32, plan.batch as u32);
+            let mut args = crate::kernel_args![params];
+            unsafe { device.launch(&kernel, grid, (DECODE_THREADS, 1, 1), shared as u32, stream.raw(), &mut args) }
         }
     }
 }
@@ -663,6 +730,9 @@ mod tests {
             // The cap is the largest power of two that fits (or the register budget's 32).
             let next = max_rows(d) * 2;
             assert!(next > 32 || decode_shared_bytes(d, next) > SHARED_LIMIT, "D={d} could take {next} rows");
+        }
+        for d in PREFILL_HEAD_DIMS {
+            assert!(prefill_shared_bytes(d) <= SHARED_LIMIT, "prefill D={d}");
         }
     }
 }

@@ -1,5 +1,6 @@
-// Flash decode: attention of 1 to 8 new query tokens per sequence against a bf16 KV cache, split over the
-// key range (split-KV) so that one sequence fills the GPU, then merged by log-sum-exp.
+// Attention against a bf16 KV cache: flash decode of 1 to 8 new query tokens per sequence, split over the
+// key range (split-KV) so that one sequence fills the GPU, then merged by log-sum-exp; and, at the end of
+// the file, tensor-core prefill of up to 8192 tokens with the same parameters and masking.
 //
 // One CTA handles one (sequence, KV head, row chunk) = blockIdx.x and one split = blockIdx.y. Its rows are the query heads of the KV head's
 // GQA group times the new tokens (row = token * group + head_in_group), at most ROWS of them, so every
@@ -19,6 +20,7 @@
 // key gets a zero output and lse = -inf (length 0 included), never NaN.
 #include "common/common.cuh"
 #include "common/async.cuh"
+#include "common/mma.cuh"
 
 // Must match ops::attention::KernelParams field for field (8-byte fields first, then 4-byte ones).
 struct DecodeParams {
@@ -375,4 +377,193 @@ template <int D> __global__ void __launch_bounds__(64) attention_combine_kernel(
                    f32_to_bf16x8(o));
     }
     if (p.lse != nullptr && vec == 0) p.lse[row] = total > 0.0f ? mx + logf(total) : neg_inf();
+}
+
+// Prefill: attention of a chunk of T query tokens (up to 8192) against the cache, on tensor cores.
+//
+// Same parameters and masking as flash decode (q_len = T; the chunk's tokens are the last T of the cache).
+// One CTA of 4 warps takes 64 query rows of one query head, 16 per warp; key tiles of 32 keys are fetched
+// with cp.async; S = Q K^T and O += P V run as mma.sync m16n8k16 (bf16 in, fp32 accumulators), with the
+// online softmax on the accumulator fragments and P re-packed as bf16 A fragments in registers. Shared
+// memory: Q [64][D] and one K and one V tile [32][D], rows padded by 16 bytes for conflict-free ldmatrix
+// (at most 69 KiB, for D = 256). Correctness first: one pipeline stage.
+constexpr int PREFILL_THREADS = 128;
+constexpr int PREFILL_M = 64;
+constexpr int PREFILL_N = 32;
+
+template <int D> struct PrefillShared {
+    static constexpr int PITCH = D + 8;
+    bf16_t q[PREFILL_M][PITCH];
+    bf16_t k[PREFILL_N][PITCH];
+    bf16_t v[PREFILL_N][PITCH];
+};
+
+template <int D>
+__global__ void __launch_bounds__(PREFILL_THREADS, 1) attention_prefill_kernel(const DecodeParams p) {
+    using Shared = PrefillShared<D>;
+    extern __shared__ uint4 shared_raw[];
+    if (dynamic_shared_bytes() < sizeof(Shared)) __trap();
+    Shared& s = *reinterpret_cast<Shared*>(shared_raw);
+    constexpr int VECS = D / 8;
+    constexpr int NT = PREFILL_N / 8;  // n8 tiles of S
+    constexpr int DT = D / 8;          // n8 tiles of O
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, c = lane & 3;
+    const int m0 = blockIdx.x * PREFILL_M;
+    const int hq = blockIdx.y;
+    const int b = blockIdx.z;
+    const int hkv = hq / p.group;
+
+    const int len = min(max(p.seq_lens[b], 0), p.max_len);
+    const int first = min(m0, p.tq - 1);
+    const int last = min(m0 + PREFILL_M, p.tq) - 1;
+    const int pos_first = len - p.tq + first;
+    const int pos_last = len - p.tq + last;
+    const int lo = p.window > 0 ? max(0, pos_first - p.window + 1) : 0;
+    const int hi = p.causal ? min(len, pos_last + 1) : len;
+
+    // Q rows of this CTA (rows past T are zero and masked).
+    for (int i = tid; i < PREFILL_M * VECS; i += PREFILL_THREADS) {
+        const int r = i / VECS, vec = i % VECS;
+        const int t = m0 + r;
+        const bool valid = t < p.tq;
+        const bf16_t* src = p.q + (i64)b * p.q_stride_batch + (i64)(valid ? t : 0) * p.q_stride_token +
+                            (i64)hq * p.q_stride_head + vec * 8;
+        cp_async_16(&s.q[r][vec * 8], src, valid);
+    }
+    cp_async_commit();
+
+    float o[DT][4];
+#pragma unroll
+    for (int i = 0; i < DT; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[i][e] = 0.0f;
+    float m_row[2] = {neg_inf(), neg_inf()};
+    float l_row[2] = {0.0f, 0.0f};
+    // Query positions of this thread's two rows (g and g + 8 of the warp's 16).
+    int t_row[2], pos_row[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        t_row[h] = m0 + warp * 16 + g + 8 * h;
+        pos_row[h] = len - p.tq + t_row[h];
+    }
+
+    for (int tile0 = lo; tile0 < hi; tile0 += PREFILL_N) {
+        // The previous tile's ldmatrix reads are done before its stage is overwritten.
+        __syncthreads();
+        for (int i = tid; i < PREFILL_N * VECS; i += PREFILL_THREADS) {
+            const int key = i / VECS, vec = i % VECS;
+            const int j = tile0 + key;
+            const bool valid = j < hi;
+            i64 ko = 0, vo = 0;
+            if (valid) {
+                ko = cache_offset(p, b, j, hkv, p.k_stride_seq, p.k_stride_token, p.k_stride_head);
+                vo = cache_offset(p, b, j, hkv, p.v_stride_seq, p.v_stride_token, p.v_stride_head);
+            }
+            cp_async_16(&s.k[key][vec * 8], p.k + ko + vec * 8, valid);
+            cp_async_16(&s.v[key][vec * 8], p.v + vo + vec * 8, valid);
+        }
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
+
+        // S = Q K^T for the warp's 16 rows and the tile's 32 keys.
+        float sc[NT][4];
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) sc[n][e] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            unsigned a[4];
+            ldmatrix_x4(a, &s.q[warp * 16 + (lane & 15)][kk * 16 + (lane >> 4) * 8]);
+#pragma unroll
+            for (int n2 = 0; n2 < NT / 2; ++n2) {
+                unsigned bk[4];
+                ldmatrix_x4(bk, &s.k[n2 * 16 + (lane & 7) + (lane >> 4) * 8][kk * 16 + ((lane >> 3) & 1) * 8]);
+                mma_bf16_16816(sc[2 * n2], a, bk[0], bk[1]);
+                mma_bf16_16816(sc[2 * n2 + 1], a, bk[2], bk[3]);
+            }
+        }
+
+        // Mask, scale, softcap; online softmax per row (a row's 32 values sit in the 4 lanes of a quad).
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float mx = neg_inf();
+#pragma unroll
+            for (int n = 0; n < NT; ++n)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int j = tile0 + n * 8 + 2 * c + e;
+                    const int pos = pos_row[h];
+                    const bool visible = t_row[h] < p.tq && j < hi && (!p.causal || j <= pos) &&
+                                         (p.window <= 0 || j > pos - p.window);
+                    float x = sc[n][2 * h + e];
+                    x = visible ? softcap_logit(x * p.scale, p.softcap) : neg_inf();
+                    sc[n][2 * h + e] = x;
+                    mx = fmaxf(mx, x);
+                }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_new = fmaxf(m_row[h], mx);
+            // While a row has seen no visible key its max is -inf; subtracting 0 keeps exp(-inf) = 0.
+            const float m_use = m_new == neg_inf() ? 0.0f : m_new;
+            const float alpha = expf(m_row[h] - m_use);
+            float sum = 0.0f;
+#pragma unroll
+            for (int n = 0; n < NT; ++n)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const float pe = expf(sc[n][2 * h + e] - m_use);
+                    sc[n][2 * h + e] = pe;
+                    sum += pe;
+                }
+            // Each lane keeps the sum of its own columns; the quad's sums are added at the end.
+            l_row[h] = l_row[h] * alpha + sum;
+            m_row[h] = m_new;
+#pragma unroll
+            for (int i = 0; i < DT; ++i) {
+                o[i][2 * h] *= alpha;
+                o[i][2 * h + 1] *= alpha;
+            }
+        }
+
+        // O += P V, P as bf16 A fragments straight from the S accumulators.
+#pragma unroll
+        for (int kc = 0; kc < PREFILL_N / 16; ++kc) {
+            unsigned a[4];
+            a[0] = pack_bf16x2(sc[2 * kc][0], sc[2 * kc][1]);
+            a[1] = pack_bf16x2(sc[2 * kc][2], sc[2 * kc][3]);
+            a[2] = pack_bf16x2(sc[2 * kc + 1][0], sc[2 * kc + 1][1]);
+            a[3] = pack_bf16x2(sc[2 * kc + 1][2], sc[2 * kc + 1][3]);
+#pragma unroll
+            for (int d2 = 0; d2 < DT / 2; ++d2) {
+                unsigned bv[4];
+                ldmatrix_x4_trans(bv, &s.v[kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8][d2 * 16 + (lane >> 4) * 8]);
+                mma_bf16_16816(o[2 * d2], a, bv[0], bv[1]);
+                mma_bf16_16816(o[2 * d2 + 1], a, bv[2], bv[3]);
+            }
+        }
+    }
+    // Rows with no key tile at all (an empty range) still need their q copies retired.
+    cp_async_wait<0>();
+
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float l = l_row[h];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const int t = t_row[h];
+        if (t >= p.tq) continue;
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        bf16_t* dst = p.out + (i64)b * p.out_stride_batch + (i64)t * p.out_stride_token + (i64)hq * p.out_stride_head;
+#pragma unroll
+        for (int i = 0; i < DT; ++i) {
+            *reinterpret_cast<unsigned*>(dst + i * 8 + 2 * c) = pack_bf16x2(o[i][2 * h] * inv, o[i][2 * h + 1] * inv);
+        }
+        if (p.lse != nullptr && c == 0) {
+            p.lse[((i64)b * p.tq + t) * p.hq + hq] = l > 0.0f ? m_row[h] + logf(l) : neg_inf();
+        }
+    }
 }

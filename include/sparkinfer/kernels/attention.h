@@ -12,6 +12,7 @@
  *                                     distinct caches of params.k_cache and params.v_cache)
  *
  * The matching *_workspace_size functions return the bytes of workspace for the same params on a context.
+ * launch_attention_decode and launch_attention_prefill are the general ops (prefill: q_len up to 8192).
  * All return a sparkinfer_status; sparkinfer_last_error() says what failed.
  */
 #ifndef SPARKINFER_KERNELS_ATTENTION_H
@@ -29,6 +30,13 @@ inline sparkinfer_status launch_attention_decode(const sparkinfer_context *ctx,
                                                  const sparkinfer_attention_decode_params &params,
                                                  sparkinfer_stream stream) {
     return sparkinfer_attention_decode(ctx, &params, stream);
+}
+
+/* Prefill of q_len = 1 to 8192 tokens on tensor cores, same params (head_dim 64, 128, 256; no workspace). */
+inline sparkinfer_status launch_attention_prefill(const sparkinfer_context *ctx,
+                                                  const sparkinfer_attention_decode_params &params,
+                                                  sparkinfer_stream stream) {
+    return sparkinfer_attention_prefill(ctx, &params, stream);
 }
 
 inline sparkinfer_status attention_decode_workspace_size(const sparkinfer_context *ctx,

@@ -37,6 +37,17 @@ typedef struct CUstream_st *sparkinfer_stream;
 // ABI version; the shared library's soname is `libsparkinfer.so.<ABI version>`.
 #define SPARKINFER_ABI_VERSION 0
 
+// K/V cache addressed per sequence: token j of sequence b, KV head h at
+// `b·stride_seq + j·stride_token + h·stride_head` (elements).
+#define SPARKINFER_KV_CACHE_CONTIGUOUS 0
+
+// K/V cache in pages: token j of sequence b in page `page_table[b·page_table_stride + j / page_size]`,
+// at `page·stride_seq + (j mod page_size)·stride_token + h·stride_head` (elements).
+#define SPARKINFER_KV_CACHE_PAGED 1
+
+// `window` value for full attention (no sliding window).
+#define SPARKINFER_ATTENTION_NO_WINDOW -1
+
 // Device number that selects the CPU reference backend (host pointers, NULL stream).
 #define SPARKINFER_DEVICE_CPU -1
 
@@ -101,6 +112,89 @@ typedef struct sparkinfer_context sparkinfer_context;
 
 // A captured, instantiated CUDA graph. Not thread-safe: launch a graph from one thread at a time.
 typedef struct sparkinfer_graph sparkinfer_graph;
+
+// One bf16 cache (K or V). Strides in elements, each a positive multiple of 8; `data` 16-byte aligned.
+typedef struct sparkinfer_kv_cache {
+  const void *data;
+  // Between sequences (contiguous) or between pages (paged).
+  int64_t stride_seq;
+  int64_t stride_token;
+  int64_t stride_head;
+  // bf16 elements the caller owns from `data`; every address the strides can form must lie below it
+  // (for max_seq_len tokens per sequence, or num_pages pages).
+  int64_t elems;
+} sparkinfer_kv_cache;
+
+// Decode attention ("flash decode") of `q_len` new tokens per sequence against a bf16 KV cache:
+//
+// `out[b, t, h] = Σ_j softmax_j(s_j) · v[b, j, h / group]`, `s_j = softcap(scale · q[b, t, h] · k[b, j, h / group])`
+//
+// with group = num_q_heads / num_kv_heads. The new tokens are already in the cache: token t of sequence b
+// sits at position `p = seq_lens[b] − q_len + t`, and key j is visible iff `j < seq_lens[b]`,
+// (causal == 0 or j ≤ p) and (no window or j > p − window). A row with no visible key (length 0, or
+// fewer tokens than q_len under causal masking) gets a zero output and lse = −∞, never NaN.
+//
+// `seq_lens` lives in device memory and is read by the kernel (clamped to [0, max_seq_len]), so a CUDA
+// graph captured once stays correct as the lengths change; `max_seq_len` is the host-known bound that
+// sizes the launch (the split of the key range over CTAs) and the workspace. Long contexts are split
+// over CTAs whose partial results go to `workspace` and are merged by log-sum-exp; query its size with
+// sparkinfer_attention_decode_workspace_size for the same params (0 bytes when one split suffices and on
+// the CPU backend).
+//
+// Supported: head_dim 64, 128, 256, 512 (K and V share it); group 1, 2, 4, 8, 16; q_len 1 to 8; page
+// sizes 16 to 256 (powers of two). Activation strides are in elements, 0 meaning dense; all strides
+// multiples of 8; q, out, caches and workspace 16-byte aligned.
+typedef struct sparkinfer_attention_decode_params {
+  // bf16 [batch, q_len, num_q_heads, head_dim].
+  const void *q;
+  int64_t q_stride_batch;
+  int64_t q_stride_token;
+  int64_t q_stride_head;
+  struct sparkinfer_kv_cache k_cache;
+  struct sparkinfer_kv_cache v_cache;
+  // SPARKINFER_KV_CACHE_CONTIGUOUS or SPARKINFER_KV_CACHE_PAGED.
+  int32_t cache_layout;
+  // Paged only: int32 [batch, page_table_stride] page ids in [0, num_pages), device memory.
+  const int32_t *page_table;
+  // Paged only: elements between the rows of page_table; 0 means ceil(max_seq_len / page_size).
+  int64_t page_table_stride;
+  // Paged only: tokens per page, a power of two from 16 to 256.
+  int64_t page_size;
+  // Paged only: pages in each cache.
+  int64_t num_pages;
+  // int32 [batch] tokens in the cache per sequence, the q_len new ones included (device memory).
+  const int32_t *seq_lens;
+  // bf16 [batch, q_len, num_q_heads, head_dim].
+  void *out;
+  int64_t out_stride_batch;
+  int64_t out_stride_token;
+  int64_t out_stride_head;
+  // Optional fp32 [batch, q_len, num_q_heads] (dense): natural-log sum of exp of the scaled, softcapped
+  // logits of each row. NULL for none.
+  float *lse;
+  // Scratch of at least sparkinfer_attention_decode_workspace_size bytes, 16-byte aligned; may be NULL
+  // when that size is 0.
+  void *workspace;
+  size_t workspace_bytes;
+  int64_t batch;
+  // New query tokens per sequence, 1 to 8.
+  int64_t q_len;
+  int64_t num_q_heads;
+  int64_t num_kv_heads;
+  int64_t head_dim;
+  // Bound on every seq_lens value (at most 2^28); for a contiguous cache, the tokens it holds per
+  // sequence.
+  int64_t max_seq_len;
+  // Attend only the last `window` positions up to each query's own (Gemma 4 local: 1024), or
+  // SPARKINFER_ATTENTION_NO_WINDOW. 0 is invalid.
+  int64_t window;
+  // 1: mask keys after each query's position (needed when q_len > 1); 0: the new tokens see each other.
+  int32_t causal;
+  // Logit scale (Qwen3.5: 1/16, Gemma 4: 1.0).
+  float scale;
+  // Logit softcap `cap · tanh(s / cap)`; 0 for none.
+  float softcap;
+} sparkinfer_attention_decode_params;
 
 // What sparkinfer_context_device_info reports. For the CPU backend only `backend` and `name` are set
 // and the numbers are zero.
@@ -334,6 +428,25 @@ const char *sparkinfer_version(void);
 
 // The ABI version of the loaded library; compare with SPARKINFER_ABI_VERSION from the header.
 uint32_t sparkinfer_abi_version(void);
+
+// Bytes of workspace sparkinfer_attention_decode needs for `params` on `ctx` (its pointers are not
+// read, only its sizes). Depends on the device's SM count: query it per context.
+enum sparkinfer_status sparkinfer_attention_decode_workspace_size(const struct sparkinfer_context *ctx,
+                                                                  const struct sparkinfer_attention_decode_params *params,
+                                                                  size_t *bytes);
+
+// Runs decode attention (see sparkinfer_attention_decode_params) on `stream` (NULL on the CPU backend).
+enum sparkinfer_status sparkinfer_attention_decode(const struct sparkinfer_context *ctx,
+                                                   const struct sparkinfer_attention_decode_params *params,
+                                                   sparkinfer_stream stream);
+
+// Runs prefill attention on `stream`: the same attention as sparkinfer_attention_decode for a chunk of
+// `q_len` = 1 to 8192 new tokens per sequence (the last q_len tokens of its cache), on tensor cores.
+// Takes the decode params; head_dim 64, 128 or 256 (512 is UNSUPPORTED); needs no workspace (the
+// workspace fields are ignored).
+enum sparkinfer_status sparkinfer_attention_prefill(const struct sparkinfer_context *ctx,
+                                                    const struct sparkinfer_attention_decode_params *params,
+                                                    sparkinfer_stream stream);
 
 // Number of CUDA devices. Fails with CUDA_UNAVAILABLE when there is no usable driver.
 enum sparkinfer_status sparkinfer_device_count(int32_t *count);

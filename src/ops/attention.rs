@@ -1,7 +1,738 @@
-//! attention kernels (being written).
+//! Decode attention (flash decode): 1 to 8 new query tokens per sequence against a bf16 KV cache,
+//! contiguous or paged, with GQA, causal masking among the new tokens, a sliding window and a logit
+//! softcap; split-KV over the key range with a log-sum-exp combine. Prefill (up to 8192 new tokens, head
+//! dims 64 to 256) takes the same arguments and runs on tensor cores (mma.sync).
+//!
+//! Specialisations are template constants: the head dimension D (64, 128, 256, 512) and the rows per CTA
+//! (a power of two ≥ group × Tq, capped per D so that shared memory stays within sm_120's 99 KiB per block).
+//! The GQA group (1, 2, 4, 8, 16) and Tq are kernel arguments: one CTA serves every query head of its KV
+//! head and every new token, so each K/V tile is read once for all of them. Only when group × Tq exceeds
+//! the cap (Tq > 1 with large groups) are the rows spread over several CTAs that each read the tile.
 
+use super::{check_dim, check_ptr, overlaps, Backend, Context, Stream};
+use crate::error::{Error, Result};
+use crate::reference::{self, attention as refattn, bf16};
 use crate::runtime::sources::KernelSource;
 
+pub static DECODE_SOURCE: KernelSource = KernelSource {
+    name: "attention_decode",
+    path: "attention/decode.cu",
+    code: include_str!("../../csrc/cuda/attention/decode.cu"),
+    instantiations: decode_instantiations,
+};
+
 pub fn kernel_sources() -> Vec<&'static KernelSource> {
-    Vec::new()
+    vec![&DECODE_SOURCE]
+}
+
+/// Head dimensions with a kernel.
+pub const HEAD_DIMS: [usize; 4] = [64, 128, 256, 512];
+/// GQA group sizes (query heads per KV head) with a kernel.
+pub const GROUPS: [usize; 5] = [1, 2, 4, 8, 16];
+/// Most new query tokens per sequence (speculative decoding verifies several).
+pub const MAX_Q_LEN: i64 = 8;
+/// Smallest and largest page of a paged cache, in tokens (a power of two).
+pub const MIN_PAGE_SIZE: i64 = 16;
+pub const MAX_PAGE_SIZE: i64 = 256;
+/// Largest max_seq_len (2^28 tokens).
+pub const MAX_SEQ_LEN: i64 = 1 << 28;
+/// Most KV splits of one (sequence, KV head): bounds the workspace and the combine's loop.
+pub const MAX_SPLITS: usize = 256;
+/// Threads per CTA of the decode kernel (DECODE_THREADS).
+const DECODE_THREADS: u32 = 128;
+/// Shared memory a block may use on sm_120 / sm_121; every decode variant stays below it.
+const SHARED_LIMIT: usize = 99 * 1024;
+
+/// Keys per tile of the decode kernel (DecodeTile::KEYS): 16 KiB of K and of V per pipeline stage.
+fn tile_keys(d: usize) -> usize {
+    8192 / d
+}
+
+/// Most rows (query heads × new tokens) one CTA takes: q in fp32 and the tile's scores must fit next to
+/// the two K/V stages in 99 KiB.
+fn max_rows(d: usize) -> usize {
+    match d {
+        64 | 128 => 32,
+        _ => 16,
+    }
+}
+
+fn row_options(d: usize) -> impl Iterator<Item = usize> {
+    (0..=5).map(|s| 1usize << s).filter(move |&r| r <= max_rows(d))
+}
+
+/// Dynamic shared memory of `flash_decode_kernel<D, ROWS>`, as `sizeof(DecodeShared<D, ROWS>)`.
+pub fn decode_shared_bytes(d: usize, rows: usize) -> usize {
+    let keys = tile_keys(d);
+    let tpk = d / 64;
+    let k_pitch = d + if tpk >= 8 { 0 } else { 8 * tpk };
+    2 * keys * k_pitch * 2 + 2 * keys * d * 2 + rows * d * 4 + rows * keys * 4 + 3 * rows * 4
+}
+
+fn decode_name(d: usize, rows: usize) -> String {
+    format!("flash_decode_kernel<{d}, {rows}>")
+}
+
+fn combine_name(d: usize) -> String {
+    format!("attention_combine_kernel<{d}>")
+}
+
+fn decode_instantiations() -> Vec<String> {
+    let mut names = Vec::new();
+    for d in HEAD_DIMS {
+        names.extend(row_options(d).map(|r| decode_name(d, r)));
+        names.push(combine_name(d));
+    }
+    names.extend(PREFILL_HEAD_DIMS.iter().map(|&d| prefill_name(d)));
+    names
+}
+
+/// Head dimensions with a prefill kernel (an hd512 output tile does not fit a warp's registers).
+pub const PREFILL_HEAD_DIMS: [usize; 3] = [64, 128, 256];
+/// Most query tokens of one prefill call.
+pub const MAX_PREFILL_LEN: i64 = 8192;
+/// Query rows per prefill CTA and keys per tile (PREFILL_M, PREFILL_N).
+const PREFILL_M: usize = 64;
+const PREFILL_N: usize = 32;
+
+fn prefill_name(d: usize) -> String {
+    format!("attention_prefill_kernel<{d}>")
+}
+
+/// `sizeof(PrefillShared<D>)`: Q, one K and one V tile, rows padded by 8 elements.
+pub fn prefill_shared_bytes(d: usize) -> usize {
+    (PREFILL_M + 2 * PREFILL_N) * (d + 8) * 2
+}
+
+/// Where the K and V caches keep a sequence's tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheLayout {
+    /// Sequence b, token j, KV head h at `b·stride_seq + j·stride_token + h·stride_head` (elements), for
+    /// `max_seq_len` tokens per sequence.
+    Contiguous,
+    /// Token j of sequence b in page `page_table[b·page_table_stride + j / page_size]`, at
+    /// `page·stride_seq + (j mod page_size)·stride_token + h·stride_head`.
+    Paged { page_table: u64, page_table_stride: i64, page_size: i64, num_pages: i64 },
+}
+
+/// One cache (K or V): address, strides in elements and the number of elements the caller owns there.
+#[derive(Clone, Copy, Debug)]
+pub struct CacheTensor {
+    pub ptr: u64,
+    /// Sequence stride (contiguous) or page stride (paged).
+    pub stride_seq: i64,
+    pub stride_token: i64,
+    pub stride_head: i64,
+    /// Elements from `ptr` that may be read; every address the strides can form must lie below it.
+    pub elems: i64,
+}
+
+/// Arguments of [`decode`]: addresses in the context's memory, strides in elements, 0 meaning dense.
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeArgs {
+    /// bf16 [batch, q_len, num_q_heads, head_dim], strides (batch, token, head).
+    pub q: u64,
+    pub q_strides: [i64; 3],
+    pub k: CacheTensor,
+    pub v: CacheTensor,
+    pub layout: CacheLayout,
+    /// int32 [batch]: tokens in the cache per sequence, the q_len new ones included (read on the GPU,
+    /// clamped to [0, max_seq_len]).
+    pub seq_lens: u64,
+    /// bf16 [batch, q_len, num_q_heads, head_dim], strides (batch, token, head).
+    pub out: u64,
+    pub out_strides: [i64; 3],
+    /// fp32 [batch, q_len, num_q_heads] dense, natural log of the softmax denominator of the scaled
+    /// (softcapped) logits; 0 for none.
+    pub lse: u64,
+    pub workspace: u64,
+    pub workspace_bytes: u64,
+    pub batch: i64,
+    pub q_len: i64,
+    pub num_q_heads: i64,
+    pub num_kv_heads: i64,
+    pub head_dim: i64,
+    /// Host-known bound on every sequence length: sizes the split-KV grid and the cache extent.
+    pub max_seq_len: i64,
+    /// Attend only the last `window` positions up to each query's; None for full attention.
+    pub window: Option<i64>,
+    pub causal: bool,
+    pub scale: f32,
+    /// `cap · tanh(logit / cap)` when set.
+    pub softcap: Option<f32>,
+}
+
+/// The validated problem and its launch plan.
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    batch: usize,
+    q_len: usize,
+    hq: usize,
+    hkv: usize,
+    d: usize,
+    group: usize,
+    max_len: usize,
+    rows: usize,
+    row_chunks: usize,
+    splits: usize,
+    chunk_keys: usize,
+    q_strides: [usize; 3],
+    out_strides: [usize; 3],
+}
+
+impl Plan {
+    fn rows_total(&self) -> usize {
+        self.group * self.q_len
+    }
+    fn output_rows(&self) -> usize {
+        self.batch * self.q_len * self.hq
+    }
+    /// Bytes of split partials: fp32 outputs [rows][splits][D] then fp32 lse [rows][splits].
+    fn workspace_bytes(&self) -> usize {
+        if self.splits <= 1 {
+            0
+        } else {
+            self.output_rows() * self.splits * (self.d + 1) * 4
+        }
+    }
+}
+
+/// Resolves the (batch, token, head) strides of a [B, Tq, H, D] tensor (0 = dense) and returns them with
+/// the extent in elements.
+fn activation_strides(name: &str, s: [i64; 3], b: usize, t: usize, h: usize, d: usize) -> Result<([usize; 3], u64)> {
+    let dense = [t * h * d, h * d, d];
+    let mut out = [0usize; 3];
+    for (i, what) in ["batch", "token", "head"].iter().enumerate() {
+        if s[i] < 0 {
+            return Err(Error::invalid(format!("{name}: {what} stride {} is negative", s[i])));
+        }
+        out[i] = if s[i] == 0 { dense[i] } else { s[i] as usize };
+        if out[i] % 8 != 0 {
+            return Err(Error::invalid(format!(
+                "{name}: {what} stride {} must be a multiple of 8 elements for 16-byte vector access",
+                out[i]
+            )));
+        }
+    }
+    if out[2] < d {
+        return Err(Error::invalid(format!("{name}: head stride {} is smaller than head_dim {d}", out[2])));
+    }
+    let extent = extent_elems(&[(b, out[0]), (t, out[1]), (h, out[2])], d)
+        .ok_or_else(|| Error::invalid(format!("{name}: size overflows")))?;
+    Ok((out, extent))
+}
+
+/// Elements from the first to one past the last: `Σ (size_i − 1)·stride_i + d`.
+fn extent_elems(dims: &[(usize, usize)], d: usize) -> Option<u64> {
+    let mut e = d as u64;
+    for &(n, s) in dims {
+        e = e.checked_add((n as u64).checked_sub(1)?.checked_mul(s as u64)?)?;
+    }
+    Some(e)
+}
+
+fn check_cache(
+    name: &str,
+    c: &CacheTensor,
+    layout: &CacheLayout,
+    batch: usize,
+    max_len: usize,
+    hkv: usize,
+    d: usize,
+) -> Result<()> {
+    check_ptr(name, c.ptr, 16)?;
+    for (what, s) in [("stride_seq", c.stride_seq), ("stride_token", c.stride_token), ("stride_head", c.stride_head)] {
+        if s <= 0 {
+            return Err(Error::invalid(format!("{name}: {what} must be positive, got {s}")));
+        }
+        if s % 8 != 0 {
+            return Err(Error::invalid(format!(
+                "{name}: {what} {s} must be a multiple of 8 elements for 16-byte vector access"
+            )));
+        }
+    }
+    let (slots, tokens) = match *layout {
+        CacheLayout::Contiguous => (batch, max_len),
+        CacheLayout::Paged { num_pages, page_size, .. } => (num_pages as usize, page_size as usize),
+    };
+    let need = extent_elems(
+        &[(slots, c.stride_seq as usize), (tokens, c.stride_token as usize), (hkv, c.stride_head as usize)],
+        d,
+    )
+    .ok_or_else(|| Error::invalid(format!("{name}: size overflows")))?;
+    if c.elems <= 0 || need > c.elems as u64 {
+        return Err(Error::invalid(format!(
+            "{name}: the strides reach {need} elements but the cache holds {} (cache_elems)",
+            c.elems
+        )));
+    }
+    if c.ptr.checked_add(need * 2).is_none() {
+        return Err(Error::invalid(format!("{name}: the cache overflows the address space")));
+    }
+    Ok(())
+}
+
+fn validate(a: &DecodeArgs, sm_count: usize, max_q_len: i64) -> Result<Plan> {
+    let d = a.head_dim;
+    if !HEAD_DIMS.contains(&(d as usize)) || d <= 0 {
+        return Err(Error::unsupported(format!("head_dim: {d} has no kernel; supported: 64, 128, 256, 512")));
+    }
+    let d = d as usize;
+    let batch = check_dim("batch", a.batch, i32::MAX as i64 / 65536)?;
+    let q_len = check_dim("q_len", a.q_len, max_q_len)?;
+    let hkv = check_dim("num_kv_heads", a.num_kv_heads, 1024)?;
+    let hq = check_dim("num_q_heads", a.num_q_heads, 16 * 1024)?;
+    if hq % hkv != 0 {
+        return Err(Error::invalid(format!("num_q_heads: {hq} is not a multiple of num_kv_heads {hkv}")));
+    }
+    let group = hq / hkv;
+    if !GROUPS.contains(&group) {
+        return Err(Error::unsupported(format!(
+            "num_q_heads: GQA group {hq}/{hkv} = {group} has no kernel; supported: 1, 2, 4, 8, 16"
+        )));
+    }
+    // Positions are int32 in the kernel; this bound keeps every sum of a position, a window and a split
+    // offset below 2^31.
+    let max_len = check_dim("max_seq_len", a.max_seq_len, MAX_SEQ_LEN)?;
+    if let Some(w) = a.window {
+        if w <= 0 {
+            return Err(Error::invalid(format!("window: {w} must be positive (or no window)")));
+        }
+    }
+    if !a.scale.is_finite() {
+        return Err(Error::invalid(format!("scale: {} is not finite", a.scale)));
+    }
+    if let Some(cap) = a.softcap {
+        if !(cap.is_finite() && cap > 0.0) {
+            return Err(Error::invalid(format!("softcap: {cap} must be finite and positive (or off)")));
+        }
+    }
+    if let CacheLayout::Paged { page_table, page_table_stride, page_size, num_pages } = a.layout {
+        if page_table == 0 {
+            return Err(Error::invalid("page_table: NULL pointer in paged mode"));
+        }
+        check_ptr("page_table", page_table, 4)?;
+        if !(MIN_PAGE_SIZE..=MAX_PAGE_SIZE).contains(&page_size) || page_size.count_ones() != 1 {
+            return Err(Error::invalid(format!("page_size: {page_size} is not a power of two from 16 to 256")));
+        }
+        check_dim("num_pages", num_pages, i32::MAX as i64)?;
+        let pages = max_len.div_ceil(page_size as usize);
+        if page_table_stride < 0 || (page_table_stride != 0 && (page_table_stride as usize) < pages) {
+            return Err(Error::invalid(format!(
+                "page_table_stride: {page_table_stride} is smaller than the {pages} pages max_seq_len needs"
+            )));
+        }
+    }
+    check_cache("k_cache", &a.k, &a.layout, batch, max_len, hkv, d)?;
+    check_cache("v_cache", &a.v, &a.layout, batch, max_len, hkv, d)?;
+    check_ptr("q", a.q, 16)?;
+    check_ptr("out", a.out, 16)?;
+    check_ptr("seq_lens", a.seq_lens, 4)?;
+    if a.lse != 0 {
+        check_ptr("lse", a.lse, 4)?;
+    }
+    let (q_strides, q_extent) = activation_strides("q", a.q_strides, batch, q_len, hq, d)?;
+    let (out_strides, out_extent) = activation_strides("out", a.out_strides, batch, q_len, hq, d)?;
+    let out_bytes = out_extent * 2;
+    let caches = [
+        ("q", a.q, q_extent * 2),
+        ("k_cache", a.k.ptr, a.k.elems as u64 * 2),
+        ("v_cache", a.v.ptr, a.v.elems as u64 * 2),
+    ];
+    for (what, ptr, bytes) in caches {
+        if overlaps(a.out, out_bytes, ptr, bytes) {
+            return Err(Error::invalid(format!("out: overlaps {what}")));
+        }
+    }
+
+    let rows_total = group * q_len;
+    let rows = rows_total.next_power_of_two().min(max_rows(d));
+    let row_chunks = rows_total.div_ceil(rows);
+    // Split the key range a sequence can have (its window when set) so that the grid covers the GPU about
+    // twice; every split gets whole tiles.
+    let keys = tile_keys(d);
+    let span = match a.window {
+        Some(w) => max_len.min(w as usize + q_len - 1),
+        None => max_len,
+    };
+    let tiles = span.div_ceil(keys);
+    let units = batch * hkv * row_chunks;
+    let target = (2 * sm_count.max(1)).div_ceil(units);
+    let wanted = target.clamp(1, tiles.min(MAX_SPLITS));
+    let chunk_tiles = tiles.div_ceil(wanted);
+    let splits = tiles.div_ceil(chunk_tiles);
+    let plan = Plan {
+        batch,
+        q_len,
+        hq,
+        hkv,
+        d,
+        group,
+        max_len,
+        rows,
+        row_chunks,
+        splits,
+        chunk_keys: chunk_tiles * keys,
+        q_strides,
+        out_strides,
+    };
+    if units > i32::MAX as usize {
+        return Err(Error::unsupported(format!(
+            "batch: {batch} sequences × {hkv} KV heads × {row_chunks} row chunks exceed one launch's grid"
+        )));
+    }
+    if let Some(bytes) = (a.lse != 0).then_some(plan.output_rows() as u64 * 4) {
+        if overlaps(a.out, out_bytes, a.lse, bytes) {
+            return Err(Error::invalid("lse: overlaps out"));
+        }
+    }
+    Ok(plan)
+}
+
+/// Bytes of workspace [`decode`] needs for these arguments on this context (0 on the CPU backend and
+/// whenever one split suffices). Pointers in `a` are not looked at.
+pub fn decode_workspace_size(ctx: &Context, a: &DecodeArgs) -> Result<usize> {
+    match ctx.backend() {
+        // Checked all the same, so that a bad shape fails here as it would on a GPU.
+        Backend::Cpu => validate_shape_only(a, 1).map(|_| 0),
+        Backend::Cuda(device) => Ok(validate_shape_only(a, device.info.sm_count as usize)?.workspace_bytes()),
+    }
+}
+
+/// The plan of `a` from its sizes alone: placeholder aligned addresses stand in for the pointers, so a
+/// caller may ask for the workspace before allocating anything.
+fn validate_shape_only(a: &DecodeArgs, sm_count: usize) -> Result<Plan> {
+    let mut probe = *a;
+    // Distinct, aligned, non-overlapping stand-ins far apart in the address space.
+    let base = 1u64 << 40;
+    probe.q = base;
+    probe.k.ptr = base * 2;
+    probe.v.ptr = base * 3;
+    probe.seq_lens = base * 4;
+    probe.out = base * 5;
+    probe.lse = if a.lse != 0 { base * 6 } else { 0 };
+    if let CacheLayout::Paged { page_table, .. } = &mut probe.layout {
+        *page_table = base * 7;
+    }
+    validate(&probe, sm_count, MAX_Q_LEN)
+}
+
+/// Mirror of `DecodeParams` in decode.cu, passed by value as the kernel's one argument.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct KernelParams {
+    q: u64,
+    q_stride_batch: i64,
+    q_stride_token: i64,
+    q_stride_head: i64,
+    k: u64,
+    k_stride_seq: i64,
+    k_stride_token: i64,
+    k_stride_head: i64,
+    v: u64,
+    v_stride_seq: i64,
+    v_stride_token: i64,
+    v_stride_head: i64,
+    seq_lens: u64,
+    page_table: u64,
+    page_table_stride: i64,
+    out: u64,
+    out_stride_batch: i64,
+    out_stride_token: i64,
+    out_stride_head: i64,
+    lse: u64,
+    part_o: u64,
+    part_lse: u64,
+    batch: i32,
+    tq: i32,
+    hq: i32,
+    hkv: i32,
+    group: i32,
+    rows_total: i32,
+    row_chunks: i32,
+    max_len: i32,
+    window: i32,
+    causal: i32,
+    num_splits: i32,
+    chunk_keys: i32,
+    page_shift: i32,
+    num_pages: i32,
+    scale: f32,
+    softcap: f32,
+}
+
+/// Checks the device buffers of `a` and builds the kernel's parameters (no split partials).
+fn device_params(device: &crate::runtime::Device, a: &DecodeArgs, plan: &Plan) -> Result<KernelParams> {
+    let q_extent = extent_elems(
+        &[(plan.batch, plan.q_strides[0]), (plan.q_len, plan.q_strides[1]), (plan.hq, plan.q_strides[2])],
+        plan.d,
+    )
+    .unwrap_or(0);
+    let out_extent = extent_elems(
+        &[(plan.batch, plan.out_strides[0]), (plan.q_len, plan.out_strides[1]), (plan.hq, plan.out_strides[2])],
+        plan.d,
+    )
+    .unwrap_or(0);
+    device.check_buffer("q", a.q, q_extent * 2)?;
+    device.check_buffer("out", a.out, out_extent * 2)?;
+    device.check_buffer("k_cache", a.k.ptr, a.k.elems as u64 * 2)?;
+    device.check_buffer("v_cache", a.v.ptr, a.v.elems as u64 * 2)?;
+    device.check_buffer("seq_lens", a.seq_lens, plan.batch as u64 * 4)?;
+    if a.lse != 0 {
+        device.check_buffer("lse", a.lse, plan.output_rows() as u64 * 4)?;
+    }
+    let (page_table, page_table_stride, page_shift, num_pages) = match a.layout {
+        CacheLayout::Contiguous => (0, 0, 0, 0),
+        CacheLayout::Paged { page_table, page_table_stride, page_size, num_pages } => {
+            let pages = plan.max_len.div_ceil(page_size as usize);
+            let stride = if page_table_stride == 0 { pages } else { page_table_stride as usize };
+            device.check_buffer("page_table", page_table, (((plan.batch - 1) * stride + pages) * 4) as u64)?;
+            (page_table, stride as i64, page_size.trailing_zeros() as i32, num_pages as i32)
+        }
+    };
+    Ok(KernelParams {
+        q: a.q,
+        q_stride_batch: plan.q_strides[0] as i64,
+        q_stride_token: plan.q_strides[1] as i64,
+        q_stride_head: plan.q_strides[2] as i64,
+        k: a.k.ptr,
+        k_stride_seq: a.k.stride_seq,
+        k_stride_token: a.k.stride_token,
+        k_stride_head: a.k.stride_head,
+        v: a.v.ptr,
+        v_stride_seq: a.v.stride_seq,
+        v_stride_token: a.v.stride_token,
+        v_stride_head: a.v.stride_head,
+        seq_lens: a.seq_lens,
+        page_table,
+        page_table_stride,
+        out: a.out,
+        out_stride_batch: plan.out_strides[0] as i64,
+        out_stride_token: plan.out_strides[1] as i64,
+        out_stride_head: plan.out_strides[2] as i64,
+        lse: a.lse,
+        part_o: 0,
+        part_lse: 0,
+        batch: plan.batch as i32,
+        tq: plan.q_len as i32,
+        hq: plan.hq as i32,
+        hkv: plan.hkv as i32,
+        group: plan.group as i32,
+        rows_total: plan.rows_total() as i32,
+        row_chunks: plan.row_chunks as i32,
+        max_len: plan.max_len as i32,
+        // A window longer than every position is no window; the clamp keeps `pos - window` in range.
+        window: a.window.map_or(0, |w| w.min((plan.max_len + plan.q_len) as i64) as i32),
+        causal: a.causal as i32,
+        num_splits: plan.splits as i32,
+        chunk_keys: plan.chunk_keys as i32,
+        page_shift,
+        num_pages,
+        scale: a.scale,
+        softcap: a.softcap.unwrap_or(0.0),
+    })
+}
+
+/// Flash decode: `out[b, t, h] = softmax_j(mask(softcap(scale · q[b, t, h] · k[b, j, h / group])))ᵀ · v`.
+/// See [`DecodeArgs`] and the kernel for the masking rules.
+///
+/// # Safety
+/// Every address in `a` must point to memory of the context's kind (device memory of its device, or host
+/// memory for the CPU backend) holding the extent its shape and strides describe; `seq_lens` and the page
+/// table hold `batch` (rows of) int32 values. Device extents are checked against their allocations.
+pub unsafe fn decode(ctx: &Context, a: &DecodeArgs, stream: Stream) -> Result<()> {
+    ctx.check_stream(stream)?;
+    match ctx.backend() {
+        Backend::Cpu => {
+            let plan = validate(a, 1, MAX_Q_LEN)?;
+            unsafe { decode_cpu(a, &plan) };
+            Ok(())
+        }
+        Backend::Cuda(device) => {
+            let plan = validate(a, device.info.sm_count as usize, MAX_Q_LEN)?;
+            let need = plan.workspace_bytes();
+            if need > 0 {
+                if a.workspace == 0 || (a.workspace_bytes as usize) < need {
+                    return Err(Error::invalid(format!(
+                        "workspace: {} bytes given, {need} needed for {} splits (ask the workspace-size function)",
+                        a.workspace_bytes, plan.splits
+                    )));
+                }
+                check_ptr("workspace", a.workspace, 16)?;
+                device.check_buffer("workspace", a.workspace, need as u64)?;
+            }
+            let mut params = device_params(device, a, &plan)?;
+            if plan.splits > 1 {
+                params.part_o = a.workspace;
+                params.part_lse = a.workspace + (plan.output_rows() * plan.splits * plan.d * 4) as u64;
+            }
+            let split = plan.splits > 1;
+            let shared = decode_shared_bytes(plan.d, plan.rows);
+            // Every (D, ROWS) pair of max_rows fits; this guards the table against a future edit.
+            if shared > SHARED_LIMIT {
+                return Err(Error::internal(format!(
+                    "decode kernel D={} rows={} needs {shared} bytes of shared memory",
+                    plan.d, plan.rows
+                )));
+            }
+            let kernel = device.kernel(&DECODE_SOURCE, &decode_name(plan.d, plan.rows))?;
+            kernel.set_max_dynamic_shared(shared as u32)?;
+            let grid = ((plan.batch * plan.hkv * plan.row_chunks) as u32, plan.splits as u32, 1);
+            let mut args = crate::kernel_args![params];
+            unsafe { device.launch(&kernel, grid, (DECODE_THREADS, 1, 1), shared as u32, stream.raw(), &mut args)? };
+            if split {
+                let combine = device.kernel(&DECODE_SOURCE, &combine_name(plan.d))?;
+                let threads = (plan.d / 8).max(32) as u32;
+                let mut args = crate::kernel_args![params];
+                unsafe {
+                    device.launch(
+                        &combine,
+                        (plan.output_rows() as u32, 1, 1),
+                        (threads, 1, 1),
+                        0,
+                        stream.raw(),
+                        &mut args,
+                    )?
+                };
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Prefill: the same attention as [`decode`] for a chunk of `q_len` = 1 to 8192 new tokens (the last
+/// `q_len` of each sequence's cache), on tensor cores. Head dimensions 64, 128 and 256; no workspace.
+///
+/// # Safety
+/// As [`decode`].
+pub unsafe fn prefill(ctx: &Context, a: &DecodeArgs, stream: Stream) -> Result<()> {
+    ctx.check_stream(stream)?;
+    if !PREFILL_HEAD_DIMS.iter().any(|&d| d as i64 == a.head_dim) && HEAD_DIMS.iter().any(|&d| d as i64 == a.head_dim) {
+        return Err(Error::unsupported(format!(
+            "head_dim: {} has no prefill kernel; prefill supports 64, 128, 256",
+            a.head_dim
+        )));
+    }
+    match ctx.backend() {
+        Backend::Cpu => {
+            let plan = validate(a, 1, MAX_PREFILL_LEN)?;
+            unsafe { decode_cpu(a, &plan) };
+            Ok(())
+        }
+        Backend::Cuda(device) => {
+            let plan = validate(a, device.info.sm_count as usize, MAX_PREFILL_LEN)?;
+            if plan.batch > 65535 {
+                return Err(Error::unsupported(format!("batch: {} exceeds the prefill grid's 65535", plan.batch)));
+            }
+            let mut params = device_params(device, a, &plan)?;
+            let shared = prefill_shared_bytes(plan.d);
+            if shared > SHARED_LIMIT {
+                return Err(Error::internal(format!(
+                    "prefill kernel D={} needs {shared} bytes of shared memory",
+                    plan.d
+                )));
+            }
+            let kernel = device.kernel(&DECODE_SOURCE, &prefill_name(plan.d))?;
+            kernel.set_max_dynamic_shared(shared as u32)?;
+            let grid = (plan.q_len.div_ceil(PREFILL_M) as u32, plan.hq as u32, plan.batch as u32);
+            let mut args = crate::kernel_args![params];
+            unsafe { device.launch(&kernel, grid, (DECODE_THREADS, 1, 1), shared as u32, stream.raw(), &mut args) }
+        }
+    }
+}
+
+/// The CPU backend: gathers each sequence's visible cache rows and runs the reference.
+///
+/// # Safety
+/// As [`decode`], with host memory.
+unsafe fn decode_cpu(a: &DecodeArgs, plan: &Plan) {
+    let d = plan.d;
+    let lens: Vec<usize> = (0..plan.batch)
+        .map(|b| unsafe { *(a.seq_lens as *const i32).add(b) }.clamp(0, plan.max_len as i32) as usize)
+        .collect();
+    let mut q = Vec::with_capacity(plan.output_rows() * d);
+    for b in 0..plan.batch {
+        for t in 0..plan.q_len {
+            for h in 0..plan.hq {
+                let off = b * plan.q_strides[0] + t * plan.q_strides[1] + h * plan.q_strides[2];
+                q.extend_from_slice(unsafe { std::slice::from_raw_parts((a.q as *const bf16).add(off), d) });
+            }
+        }
+    }
+    let row = |c: &CacheTensor, b: usize, j: usize, h: usize| -> &[bf16] {
+        let slot_token = match a.layout {
+            CacheLayout::Contiguous => b * c.stride_seq as usize + j * c.stride_token as usize,
+            CacheLayout::Paged { page_table, page_table_stride, page_size, num_pages } => {
+                let ps = page_size as usize;
+                let stride =
+                    if page_table_stride == 0 { plan.max_len.div_ceil(ps) } else { page_table_stride as usize };
+                let page = unsafe { *(page_table as *const i32).add(b * stride + j / ps) };
+                // As the kernel: an out-of-range page id is clamped into the cache.
+                let page = page.clamp(0, num_pages as i32 - 1) as usize;
+                page * c.stride_seq as usize + (j % ps) * c.stride_token as usize
+            }
+        };
+        unsafe { std::slice::from_raw_parts((c.ptr as *const bf16).add(slot_token + h * c.stride_head as usize), d) }
+    };
+    let gather = |c: &CacheTensor| -> Vec<Vec<bf16>> {
+        (0..plan.batch)
+            .map(|b| {
+                let mut seq = Vec::with_capacity(lens[b] * plan.hkv * d);
+                for j in 0..lens[b] {
+                    for h in 0..plan.hkv {
+                        seq.extend_from_slice(row(c, b, j, h));
+                    }
+                }
+                seq
+            })
+            .collect()
+    };
+    let (k, v) = (gather(&a.k), gather(&a.v));
+    let problem = refattn::DecodeProblem {
+        batch: plan.batch,
+        q_len: plan.q_len,
+        num_q_heads: plan.hq,
+        num_kv_heads: plan.hkv,
+        head_dim: d,
+        window: a.window.map(|w| w as usize),
+        causal: a.causal,
+        scale: a.scale,
+        softcap: a.softcap,
+    };
+    let mut out = vec![reference::bf16::ZERO; plan.output_rows() * d];
+    let mut lse = vec![0f32; plan.output_rows()];
+    refattn::decode(&problem, &q, &k, &v, &mut out, &mut lse);
+    let mut i = 0;
+    for b in 0..plan.batch {
+        for t in 0..plan.q_len {
+            for h in 0..plan.hq {
+                let off = b * plan.out_strides[0] + t * plan.out_strides[1] + h * plan.out_strides[2];
+                unsafe { std::ptr::copy_nonoverlapping(out.as_ptr().add(i * d), (a.out as *mut bf16).add(off), d) };
+                i += 1;
+            }
+        }
+    }
+    if a.lse != 0 {
+        unsafe { std::ptr::copy_nonoverlapping(lse.as_ptr(), a.lse as *mut f32, lse.len()) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_variant_fits_sm120_shared_memory() {
+        for d in HEAD_DIMS {
+            for rows in row_options(d) {
+                assert!(decode_shared_bytes(d, rows) <= SHARED_LIMIT, "D={d} rows={rows}");
+            }
+            // The cap is the largest power of two that fits (or the register budget's 32).
+            let next = max_rows(d) * 2;
+            assert!(next > 32 || decode_shared_bytes(d, next) > SHARED_LIMIT, "D={d} could take {next} rows");
+        }
+        for d in PREFILL_HEAD_DIMS {
+            assert!(prefill_shared_bytes(d) <= SHARED_LIMIT, "prefill D={d}");
+        }
+    }
 }

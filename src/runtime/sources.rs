@@ -12,7 +12,11 @@ pub struct KernelSource {
 }
 
 /// The headers a kernel may include, by the name it includes them with.
-pub const HEADERS: &[(&str, &str)] = &[("common/common.cuh", include_str!("../../csrc/common/common.cuh"))];
+pub const HEADERS: &[(&str, &str)] = &[
+    ("common/common.cuh", include_str!("../../csrc/common/common.cuh")),
+    ("common/async.cuh", include_str!("../../csrc/common/async.cuh")),
+    ("common/mma.cuh", include_str!("../../csrc/common/mma.cuh")),
+];
 
 /// FNV-1a, 64 bit: a stable hash for cache keys (std's hasher is not stable across releases).
 pub fn fnv1a64(parts: &[&[u8]]) -> u64 {

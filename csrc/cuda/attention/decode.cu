@@ -1,0 +1,569 @@
+// Attention against a bf16 KV cache: flash decode of 1 to 8 new query tokens per sequence, split over the
+// key range (split-KV) so that one sequence fills the GPU, then merged by log-sum-exp; and, at the end of
+// the file, tensor-core prefill of up to 8192 tokens with the same parameters and masking.
+//
+// One CTA handles one (sequence, KV head, row chunk) = blockIdx.x and one split = blockIdx.y. Its rows are the query heads of the KV head's
+// GQA group times the new tokens (row = token * group + head_in_group), at most ROWS of them, so every
+// K/V tile is read from memory once for all of them. Tiles of KEYS = 8192 / D keys are fetched with
+// cp.async into a two-stage ring while the previous tile is computed on (16-byte copies, contiguous along
+// the head dimension). Per tile:
+//   scores:  thread (key, chunk) holds one 64-element slice of its key and dots it with every row's q
+//            (q in shared memory as fp32, read as a broadcast), then the D/64 chunks of a key are summed
+//            with warp shuffles;
+//   softmax: one warp per row: running max m, running sum l (fp32), rescale factor for the accumulator;
+//   P·V:     thread (vector of 8 output dims, row group) accumulates its rows over the tile's keys.
+// Sequence lengths are read on the GPU, so the same launch (and a graph captured of it) stays correct as
+// they change: the grid is sized from the host-known bound and CTAs whose key range is empty exit early.
+//
+// Masking, for the query token t of a sequence of length L with Tq new tokens at positions p_t = L - Tq + t:
+// key j is visible iff j < L, (not causal or j <= p_t) and (no window or j > p_t - W). A row with no visible
+// key gets a zero output and lse = -inf (length 0 included), never NaN.
+#include "common/common.cuh"
+#include "common/async.cuh"
+#include "common/mma.cuh"
+
+// Must match ops::attention::KernelParams field for field (8-byte fields first, then 4-byte ones).
+struct DecodeParams {
+    const bf16_t* q;
+    i64 q_stride_batch, q_stride_token, q_stride_head;
+    const bf16_t* k;
+    i64 k_stride_seq, k_stride_token, k_stride_head;  // k_stride_seq is the page stride when paged
+    const bf16_t* v;
+    i64 v_stride_seq, v_stride_token, v_stride_head;
+    const int* seq_lens;
+    const int* page_table;  // NULL: contiguous cache
+    i64 page_table_stride;
+    bf16_t* out;
+    i64 out_stride_batch, out_stride_token, out_stride_head;
+    float* lse;       // optional, dense [B, Tq, Hq]
+    float* part_o;    // NULL when num_splits == 1: [B * Tq * Hq][num_splits][D] normalised partial outputs
+    float* part_lse;  // [B * Tq * Hq][num_splits]
+    int batch, tq, hq, hkv, group, rows_total, row_chunks;
+    int max_len;  // lengths are clamped to [0, max_len]
+    int window;   // <= 0: none
+    int causal;
+    int num_splits, chunk_keys;
+    int page_shift, num_pages;
+    float scale, softcap;  // softcap <= 0: none
+};
+
+constexpr int DECODE_THREADS = 128;
+
+SPK_DEVICE float neg_inf() { return __int_as_float(0xff800000); }
+
+template <int D> struct DecodeTile {
+    static constexpr int KEYS = 8192 / D;  // keys per tile: 16 KiB of K and 16 KiB of V per stage
+    static constexpr int VECS = D / 8;     // 16-byte vectors per key row
+    static constexpr int TPK = D / 64;     // threads per key in the score step (64 dims each)
+    // Row pitch of the K tile: pads so that the 8 lanes of a quarter warp (2 to 8 keys, TPK vectors
+    // each) hit distinct banks; with TPK = 8 a quarter warp reads one key's contiguous 128 bytes.
+    static constexpr int K_PITCH = D + (TPK >= 8 ? 0 : 8 * TPK);
+    static constexpr int RSPLIT = DECODE_THREADS / VECS;  // row groups in the P.V step
+    static_assert(KEYS * TPK == DECODE_THREADS, "one score slice per thread");
+};
+
+// Shared memory of one CTA; ops::attention::decode_shared_bytes computes the same size, and the kernel
+// traps if it was launched with less. At most 88 KiB for every instantiation (sm_120 allows 99 KiB).
+template <int D, int ROWS> struct DecodeShared {
+    using T = DecodeTile<D>;
+    bf16_t k[2][T::KEYS][T::K_PITCH];
+    bf16_t v[2][T::KEYS][D];
+    // q[r][half][vec][e] = q_row_r[8 * vec + 4 * half + e]: the lanes of a score read consecutive float4s.
+    float q[ROWS][2][T::VECS][4];
+    float p[ROWS][T::KEYS];
+    float m[ROWS], l[ROWS], alpha[ROWS];
+};
+
+SPK_DEVICE float softcap_logit(float x, float cap) { return cap > 0.0f ? cap * tanhf(x / cap) : x; }
+
+SPK_DEVICE i64 cache_offset(const DecodeParams& p, int b, int j, int head, i64 s_seq, i64 s_tok, i64 s_head) {
+    if (p.page_table == nullptr) return (i64)b * s_seq + (i64)j * s_tok + (i64)head * s_head;
+    int page = p.page_table[(i64)b * p.page_table_stride + (j >> p.page_shift)];
+    // A page id outside the cache is the caller's error; clamping keeps the read inside the cache.
+    page = min(max(page, 0), p.num_pages - 1);
+    return (i64)page * s_seq + (i64)(j & ((1 << p.page_shift) - 1)) * s_tok + (i64)head * s_head;
+}
+
+// The minimum of one block per SM lets ptxas keep every variant in registers; without it, it spilled a word
+// in some (the shared-memory tile allows one or two blocks per SM anyway).
+template <int D, int ROWS>
+__global__ void __launch_bounds__(DECODE_THREADS, 1) flash_decode_kernel(const DecodeParams p) {
+    using T = DecodeTile<D>;
+    using Shared = DecodeShared<D, ROWS>;
+    extern __shared__ uint4 shared_raw[];
+    if (dynamic_shared_bytes() < sizeof(Shared)) __trap();
+    Shared& s = *reinterpret_cast<Shared*>(shared_raw);
+
+    const int tid = threadIdx.x;
+    const int split = blockIdx.y;
+    int unit = blockIdx.x;
+    const int row_chunk = unit % p.row_chunks;
+    unit /= p.row_chunks;
+    const int hkv = unit % p.hkv;
+    const int b = unit / p.hkv;
+    const int row0 = row_chunk * ROWS;
+
+    const int len = min(max(p.seq_lens[b], 0), p.max_len);
+    const int lo = p.window > 0 ? max(0, len - p.tq + 1 - p.window) : 0;
+    const int begin = lo + split * p.chunk_keys;
+    const int end = min(begin + p.chunk_keys, len);
+
+    // Rows this thread finalises in the P.V mapping.
+    const int pv_vec = tid % T::VECS;
+    const int pv_group = tid / T::VECS;
+    constexpr int RPT = (ROWS + T::RSPLIT - 1) / T::RSPLIT;
+
+    if (begin >= end) {
+        // Nothing visible here: an empty split reports lse = -inf (the combine skips it without reading
+        // its output); without splits the rows are final: zeros and lse = -inf.
+        for (int r = tid; r < ROWS; r += DECODE_THREADS) {
+            const int rg = row0 + r;
+            if (rg >= p.rows_total) continue;
+            const int t = rg / p.group;
+            const int hq = hkv * p.group + rg % p.group;
+            const i64 row = ((i64)b * p.tq + t) * p.hq + hq;
+            if (p.part_o != nullptr) {
+                p.part_lse[row * p.num_splits + split] = neg_inf();
+            } else if (p.lse != nullptr) {
+                p.lse[row] = neg_inf();
+            }
+        }
+        if (p.part_o == nullptr) {
+#pragma unroll
+            for (int i = 0; i < RPT; ++i) {
+                const int r = pv_group + i * T::RSPLIT;
+                const int rg = row0 + r;
+                if (r >= ROWS || rg >= p.rows_total) continue;
+                const int t = rg / p.group;
+                const int hq = hkv * p.group + rg % p.group;
+                bf16_t* o = p.out + (i64)b * p.out_stride_batch + (i64)t * p.out_stride_token +
+                            (i64)hq * p.out_stride_head + pv_vec * 8;
+                store_u128(o, make_uint4(0, 0, 0, 0));
+            }
+        }
+        return;
+    }
+
+    auto load_tile = [&](int tile_start, int stage) {
+#pragma unroll
+        for (int it = 0; it < T::KEYS * T::VECS / DECODE_THREADS; ++it) {
+            const int i = tid + it * DECODE_THREADS;
+            const int key = i / T::VECS;
+            const int vec = i % T::VECS;
+            const int j = tile_start + key;
+            const bool valid = j < end;
+            i64 ko = 0, vo = 0;
+            if (valid) {
+                ko = cache_offset(p, b, j, hkv, p.k_stride_seq, p.k_stride_token, p.k_stride_head);
+                vo = cache_offset(p, b, j, hkv, p.v_stride_seq, p.v_stride_token, p.v_stride_head);
+            }
+            // Keys past the end are zero-filled: their weight is 0 and 0 * garbage could be NaN.
+            cp_async_16(&s.k[stage][key][vec * 8], p.k + ko + vec * 8, valid);
+            cp_async_16(&s.v[stage][key][vec * 8], p.v + vo + vec * 8, valid);
+        }
+        cp_async_commit();
+    };
+    load_tile(begin, 0);
+
+    // q of every row, fp32; rows past the group (padding of ROWS) are zero and masked below.
+    for (int i = tid; i < ROWS * T::VECS; i += DECODE_THREADS) {
+        const int r = i / T::VECS;
+        const int vec = i % T::VECS;
+        const int rg = row0 + r;
+        float f[8];
+        if (rg < p.rows_total) {
+            const int t = rg / p.group;
+            const int hq = hkv * p.group + rg % p.group;
+            bf16x8_to_f32(load_u128_ro(p.q + (i64)b * p.q_stride_batch + (i64)t * p.q_stride_token +
+                                       (i64)hq * p.q_stride_head + vec * 8),
+                          f);
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) f[e] = 0.0f;
+        }
+        *reinterpret_cast<float4*>(s.q[r][0][vec]) = make_float4(f[0], f[1], f[2], f[3]);
+        *reinterpret_cast<float4*>(s.q[r][1][vec]) = make_float4(f[4], f[5], f[6], f[7]);
+    }
+    for (int r = tid; r < ROWS; r += DECODE_THREADS) {
+        s.m[r] = neg_inf();
+        s.l[r] = 0.0f;
+    }
+
+    float acc[RPT][8];
+#pragma unroll
+    for (int i = 0; i < RPT; ++i)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[i][e] = 0.0f;
+
+    const int score_key = tid / T::TPK;
+    const int score_chunk = tid % T::TPK;
+    const int warp = tid >> 5;
+    const int lane = tid & 31;
+    const int num_tiles = (end - begin + T::KEYS - 1) / T::KEYS;
+
+    for (int tile = 0; tile < num_tiles; ++tile) {
+        const int stage = tile & 1;
+        const int tile_start = begin + tile * T::KEYS;
+        cp_async_wait<0>();
+        // Makes every thread's copies of this tile visible, and (as every thread has finished the
+        // previous tile) frees the other stage for the next fetch and p/alpha for this tile's scores.
+        __syncthreads();
+        if (tile + 1 < num_tiles) load_tile(tile_start + T::KEYS, stage ^ 1);
+
+        // Scores of this thread's key for every row.
+        {
+            float sc[ROWS];
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) sc[r] = 0.0f;
+#pragma unroll
+            for (int v = 0; v < 8; ++v) {
+                const int vec = v * T::TPK + score_chunk;
+                float kf[8];
+                bf16x8_to_f32(*reinterpret_cast<const uint4*>(&s.k[stage][score_key][vec * 8]), kf);
+#pragma unroll
+                for (int r = 0; r < ROWS; ++r) {
+                    const float4 a = *reinterpret_cast<const float4*>(s.q[r][0][vec]);
+                    const float4 c = *reinterpret_cast<const float4*>(s.q[r][1][vec]);
+                    float d = sc[r];
+                    d = fmaf(a.x, kf[0], d);
+                    d = fmaf(a.y, kf[1], d);
+                    d = fmaf(a.z, kf[2], d);
+                    d = fmaf(a.w, kf[3], d);
+                    d = fmaf(c.x, kf[4], d);
+                    d = fmaf(c.y, kf[5], d);
+                    d = fmaf(c.z, kf[6], d);
+                    d = fmaf(c.w, kf[7], d);
+                    sc[r] = d;
+                }
+            }
+            const int j = tile_start + score_key;
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+#pragma unroll
+                for (int off = T::TPK / 2; off > 0; off >>= 1) sc[r] += __shfl_xor_sync(0xffffffffu, sc[r], off);
+                if (r % T::TPK == score_chunk) {
+                    const int rg = row0 + r;
+                    const int pos = len - p.tq + rg / p.group;
+                    const bool visible = rg < p.rows_total && j < end && (!p.causal || j <= pos) &&
+                                         (p.window <= 0 || j > pos - p.window);
+                    s.p[r][score_key] = visible ? softcap_logit(sc[r] * p.scale, p.softcap) : neg_inf();
+                }
+            }
+        }
+        __syncthreads();
+
+        // Online softmax, one warp per row.
+        for (int r = warp; r < ROWS; r += DECODE_THREADS / 32) {
+            float mx = neg_inf();
+            for (int n = lane; n < T::KEYS; n += 32) mx = fmaxf(mx, s.p[r][n]);
+            mx = warp_reduce_max(mx);
+            const float m_old = s.m[r];
+            const float m_new = fmaxf(m_old, mx);
+            // While a row has seen no visible key its max is -inf; subtracting 0 keeps exp(-inf) = 0.
+            const float m_use = m_new == neg_inf() ? 0.0f : m_new;
+            float sum = 0.0f;
+            for (int n = lane; n < T::KEYS; n += 32) {
+                const float e = expf(s.p[r][n] - m_use);
+                s.p[r][n] = e;
+                sum += e;
+            }
+            sum = warp_reduce_sum(sum);
+            if (lane == 0) {
+                const float alpha = expf(m_old - m_use);
+                s.alpha[r] = alpha;
+                s.l[r] = s.l[r] * alpha + sum;
+                s.m[r] = m_new;
+            }
+        }
+        __syncthreads();
+
+        // P.V for this thread's 8 output dims of its rows.
+#pragma unroll
+        for (int i = 0; i < RPT; ++i) {
+            const int r = pv_group + i * T::RSPLIT;
+            if (r < ROWS) {
+                const float alpha = s.alpha[r];
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc[i][e] *= alpha;
+            }
+        }
+#pragma unroll 4
+        for (int n = 0; n < T::KEYS; ++n) {
+            float vf[8];
+            bf16x8_to_f32(*reinterpret_cast<const uint4*>(&s.v[stage][n][pv_vec * 8]), vf);
+#pragma unroll
+            for (int i = 0; i < RPT; ++i) {
+                const int r = pv_group + i * T::RSPLIT;
+                if (r < ROWS) {
+                    const float pn = s.p[r][n];
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) acc[i][e] = fmaf(pn, vf[e], acc[i][e]);
+                }
+            }
+        }
+    }
+
+    // m and l were last written before the final barrier of the loop.
+#pragma unroll
+    for (int i = 0; i < RPT; ++i) {
+        const int r = pv_group + i * T::RSPLIT;
+        const int rg = row0 + r;
+        if (r >= ROWS || rg >= p.rows_total) continue;
+        const int t = rg / p.group;
+        const int hq = hkv * p.group + rg % p.group;
+        const float l = s.l[r];
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        const float row_lse = l > 0.0f ? s.m[r] + logf(l) : neg_inf();
+        float o[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) o[e] = acc[i][e] * inv;
+        const i64 row = ((i64)b * p.tq + t) * p.hq + hq;
+        if (p.part_o == nullptr) {
+            bf16_t* dst = p.out + (i64)b * p.out_stride_batch + (i64)t * p.out_stride_token +
+                          (i64)hq * p.out_stride_head + pv_vec * 8;
+            store_u128(dst, f32_to_bf16x8(o));
+            if (p.lse != nullptr && pv_vec == 0) p.lse[row] = row_lse;
+        } else {
+            float* dst = p.part_o + (row * p.num_splits + split) * D + pv_vec * 8;
+            *reinterpret_cast<float4*>(dst) = make_float4(o[0], o[1], o[2], o[3]);
+            *reinterpret_cast<float4*>(dst + 4) = make_float4(o[4], o[5], o[6], o[7]);
+            if (pv_vec == 0) p.part_lse[row * p.num_splits + split] = row_lse;
+        }
+    }
+}
+
+// Merges the splits of one output row: out = sum_s w_s o_s / sum_s w_s with w_s = exp(lse_s - max lse).
+// Splits with lse = -inf (no visible key) are skipped without reading their output; a row with no split
+// left gets zeros and lse = -inf. One block of max(32, D / 8) threads per row.
+template <int D> __global__ void __launch_bounds__(64) attention_combine_kernel(const DecodeParams p) {
+    const i64 row = blockIdx.x;
+    const int hq = (int)(row % p.hq);
+    const int t = (int)((row / p.hq) % p.tq);
+    const int b = (int)(row / ((i64)p.hq * p.tq));
+    const float* lse_s = p.part_lse + row * p.num_splits;
+    float mx = neg_inf();
+    for (int s = 0; s < p.num_splits; ++s) mx = fmaxf(mx, lse_s[s]);
+    const int vec = threadIdx.x;
+    float acc[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
+    float total = 0.0f;
+    for (int s = 0; s < p.num_splits; ++s) {
+        const float ls = lse_s[s];
+        if (ls == neg_inf()) continue;
+        const float w = expf(ls - mx);
+        total += w;
+        if (vec < D / 8) {
+            const float* src = p.part_o + (row * p.num_splits + s) * D + vec * 8;
+            const float4 a = *reinterpret_cast<const float4*>(src);
+            const float4 c = *reinterpret_cast<const float4*>(src + 4);
+            acc[0] = fmaf(w, a.x, acc[0]);
+            acc[1] = fmaf(w, a.y, acc[1]);
+            acc[2] = fmaf(w, a.z, acc[2]);
+            acc[3] = fmaf(w, a.w, acc[3]);
+            acc[4] = fmaf(w, c.x, acc[4]);
+            acc[5] = fmaf(w, c.y, acc[5]);
+            acc[6] = fmaf(w, c.z, acc[6]);
+            acc[7] = fmaf(w, c.w, acc[7]);
+        }
+    }
+    const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+    if (vec < D / 8) {
+        float o[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) o[e] = acc[e] * inv;
+        store_u128(p.out + (i64)b * p.out_stride_batch + (i64)t * p.out_stride_token + (i64)hq * p.out_stride_head +
+                       vec * 8,
+                   f32_to_bf16x8(o));
+    }
+    if (p.lse != nullptr && vec == 0) p.lse[row] = total > 0.0f ? mx + logf(total) : neg_inf();
+}
+
+// Prefill: attention of a chunk of T query tokens (up to 8192) against the cache, on tensor cores.
+//
+// Same parameters and masking as flash decode (q_len = T; the chunk's tokens are the last T of the cache).
+// One CTA of 4 warps takes 64 query rows of one query head, 16 per warp; key tiles of 32 keys are fetched
+// with cp.async; S = Q K^T and O += P V run as mma.sync m16n8k16 (bf16 in, fp32 accumulators), with the
+// online softmax on the accumulator fragments and P re-packed as bf16 A fragments in registers. Shared
+// memory: Q [64][D] and one K and one V tile [32][D], rows padded by 16 bytes for conflict-free ldmatrix
+// (at most 69 KiB, for D = 256). Correctness first: one pipeline stage.
+constexpr int PREFILL_THREADS = 128;
+constexpr int PREFILL_M = 64;
+constexpr int PREFILL_N = 32;
+
+template <int D> struct PrefillShared {
+    static constexpr int PITCH = D + 8;
+    bf16_t q[PREFILL_M][PITCH];
+    bf16_t k[PREFILL_N][PITCH];
+    bf16_t v[PREFILL_N][PITCH];
+};
+
+template <int D>
+__global__ void __launch_bounds__(PREFILL_THREADS, 1) attention_prefill_kernel(const DecodeParams p) {
+    using Shared = PrefillShared<D>;
+    extern __shared__ uint4 shared_raw[];
+    if (dynamic_shared_bytes() < sizeof(Shared)) __trap();
+    Shared& s = *reinterpret_cast<Shared*>(shared_raw);
+    constexpr int VECS = D / 8;
+    constexpr int NT = PREFILL_N / 8;  // n8 tiles of S
+    constexpr int DT = D / 8;          // n8 tiles of O
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, c = lane & 3;
+    const int m0 = blockIdx.x * PREFILL_M;
+    const int hq = blockIdx.y;
+    const int b = blockIdx.z;
+    const int hkv = hq / p.group;
+
+    const int len = min(max(p.seq_lens[b], 0), p.max_len);
+    const int first = min(m0, p.tq - 1);
+    const int last = min(m0 + PREFILL_M, p.tq) - 1;
+    const int pos_first = len - p.tq + first;
+    const int pos_last = len - p.tq + last;
+    const int lo = p.window > 0 ? max(0, pos_first - p.window + 1) : 0;
+    const int hi = p.causal ? min(len, pos_last + 1) : len;
+
+    // Q rows of this CTA (rows past T are zero and masked).
+    for (int i = tid; i < PREFILL_M * VECS; i += PREFILL_THREADS) {
+        const int r = i / VECS, vec = i % VECS;
+        const int t = m0 + r;
+        const bool valid = t < p.tq;
+        const bf16_t* src = p.q + (i64)b * p.q_stride_batch + (i64)(valid ? t : 0) * p.q_stride_token +
+                            (i64)hq * p.q_stride_head + vec * 8;
+        cp_async_16(&s.q[r][vec * 8], src, valid);
+    }
+    cp_async_commit();
+
+    float o[DT][4];
+#pragma unroll
+    for (int i = 0; i < DT; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[i][e] = 0.0f;
+    float m_row[2] = {neg_inf(), neg_inf()};
+    float l_row[2] = {0.0f, 0.0f};
+    // Query positions of this thread's two rows (g and g + 8 of the warp's 16).
+    int t_row[2], pos_row[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        t_row[h] = m0 + warp * 16 + g + 8 * h;
+        pos_row[h] = len - p.tq + t_row[h];
+    }
+
+    for (int tile0 = lo; tile0 < hi; tile0 += PREFILL_N) {
+        // The previous tile's ldmatrix reads are done before its stage is overwritten.
+        __syncthreads();
+        for (int i = tid; i < PREFILL_N * VECS; i += PREFILL_THREADS) {
+            const int key = i / VECS, vec = i % VECS;
+            const int j = tile0 + key;
+            const bool valid = j < hi;
+            i64 ko = 0, vo = 0;
+            if (valid) {
+                ko = cache_offset(p, b, j, hkv, p.k_stride_seq, p.k_stride_token, p.k_stride_head);
+                vo = cache_offset(p, b, j, hkv, p.v_stride_seq, p.v_stride_token, p.v_stride_head);
+            }
+            cp_async_16(&s.k[key][vec * 8], p.k + ko + vec * 8, valid);
+            cp_async_16(&s.v[key][vec * 8], p.v + vo + vec * 8, valid);
+        }
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
+
+        // S = Q K^T for the warp's 16 rows and the tile's 32 keys.
+        float sc[NT][4];
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) sc[n][e] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            unsigned a[4];
+            ldmatrix_x4(a, &s.q[warp * 16 + (lane & 15)][kk * 16 + (lane >> 4) * 8]);
+#pragma unroll
+            for (int n2 = 0; n2 < NT / 2; ++n2) {
+                unsigned bk[4];
+                ldmatrix_x4(bk, &s.k[n2 * 16 + (lane & 7) + (lane >> 4) * 8][kk * 16 + ((lane >> 3) & 1) * 8]);
+                mma_bf16_16816(sc[2 * n2], a, bk[0], bk[1]);
+                mma_bf16_16816(sc[2 * n2 + 1], a, bk[2], bk[3]);
+            }
+        }
+
+        // Mask, scale, softcap; online softmax per row (a row's 32 values sit in the 4 lanes of a quad).
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float mx = neg_inf();
+#pragma unroll
+            for (int n = 0; n < NT; ++n)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int j = tile0 + n * 8 + 2 * c + e;
+                    const int pos = pos_row[h];
+                    const bool visible = t_row[h] < p.tq && j < hi && (!p.causal || j <= pos) &&
+                                         (p.window <= 0 || j > pos - p.window);
+                    float x = sc[n][2 * h + e];
+                    x = visible ? softcap_logit(x * p.scale, p.softcap) : neg_inf();
+                    sc[n][2 * h + e] = x;
+                    mx = fmaxf(mx, x);
+                }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_new = fmaxf(m_row[h], mx);
+            // While a row has seen no visible key its max is -inf; subtracting 0 keeps exp(-inf) = 0.
+            const float m_use = m_new == neg_inf() ? 0.0f : m_new;
+            const float alpha = expf(m_row[h] - m_use);
+            float sum = 0.0f;
+#pragma unroll
+            for (int n = 0; n < NT; ++n)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const float pe = expf(sc[n][2 * h + e] - m_use);
+                    sc[n][2 * h + e] = pe;
+                    sum += pe;
+                }
+            // Each lane keeps the sum of its own columns; the quad's sums are added at the end.
+            l_row[h] = l_row[h] * alpha + sum;
+            m_row[h] = m_new;
+#pragma unroll
+            for (int i = 0; i < DT; ++i) {
+                o[i][2 * h] *= alpha;
+                o[i][2 * h + 1] *= alpha;
+            }
+        }
+
+        // O += P V, P as bf16 A fragments straight from the S accumulators.
+#pragma unroll
+        for (int kc = 0; kc < PREFILL_N / 16; ++kc) {
+            unsigned a[4];
+            a[0] = pack_bf16x2(sc[2 * kc][0], sc[2 * kc][1]);
+            a[1] = pack_bf16x2(sc[2 * kc][2], sc[2 * kc][3]);
+            a[2] = pack_bf16x2(sc[2 * kc + 1][0], sc[2 * kc + 1][1]);
+            a[3] = pack_bf16x2(sc[2 * kc + 1][2], sc[2 * kc + 1][3]);
+#pragma unroll
+            for (int d2 = 0; d2 < DT / 2; ++d2) {
+                unsigned bv[4];
+                ldmatrix_x4_trans(bv, &s.v[kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8][d2 * 16 + (lane >> 4) * 8]);
+                mma_bf16_16816(o[2 * d2], a, bv[0], bv[1]);
+                mma_bf16_16816(o[2 * d2 + 1], a, bv[2], bv[3]);
+            }
+        }
+    }
+    // Rows with no key tile at all (an empty range) still need their q copies retired.
+    cp_async_wait<0>();
+
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float l = l_row[h];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const int t = t_row[h];
+        if (t >= p.tq) continue;
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        bf16_t* dst = p.out + (i64)b * p.out_stride_batch + (i64)t * p.out_stride_token + (i64)hq * p.out_stride_head;
+#pragma unroll
+        for (int i = 0; i < DT; ++i) {
+            *reinterpret_cast<unsigned*>(dst + i * 8 + 2 * c) = pack_bf16x2(o[i][2 * h] * inv, o[i][2 * h + 1] * inv);
+        }
+        if (p.lse != nullptr && c == 0) {
+            p.lse[((i64)b * p.tq + t) * p.hq + hq] = l > 0.0f ? m_row[h] + logf(l) : neg_inf();
+        }
+    }
+}

@@ -28,7 +28,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noh
 for step in "${steps[@]}"; do
   case $step in
     tests)
-      for t in .gpu/tests/*; do
+      for t in ${TESTS:-.gpu/tests/*}; do
         run_step "test-$(basename "$t")" "$t" --include-ignored --test-threads=1
         grep -E "^test result|FAILED|panicked" "$OUT/test-$(basename "$t").log" | head -20
       done ;;

@@ -39,7 +39,7 @@ pub fn decode(p: &DecodeProblem, q: &[bf16], k: &[Vec<bf16>], v: &[Vec<bf16>], o
     let group = p.num_q_heads / p.num_kv_heads;
     let rows = p.batch * p.q_len * p.num_q_heads;
     assert!(q.len() == rows * d && out.len() == rows * d && lse.len() == rows);
-    assert!(k.len() == p.batch && v.len() == p.batch && p.num_q_heads % p.num_kv_heads == 0);
+    assert!(k.len() == p.batch && v.len() == p.batch && p.num_q_heads.is_multiple_of(p.num_kv_heads));
     let mut scores: Vec<f32> = Vec::new();
     let mut acc = vec![0f64; d];
     for b in 0..p.batch {

@@ -45,7 +45,10 @@ const GATE_UP_TILES: [usize; 4] = [1, 2, 4, 8];
 /// Warps per block, as ROUTER_WARPS / TOPK_WARPS / FFN_WARPS in the kernels.
 const ROUTER_WARPS: usize = 8;
 const TOPK_WARPS: usize = 16;
-const FFN_WARPS: usize = 8;
+const FFN_WARPS: usize = 4;
+/// Output rows per block and warps per output row of the down kernel (DOWN_ROWS, DOWN_SPLIT).
+const DOWN_ROWS: usize = 4;
+const DOWN_SPLIT: usize = 2;
 /// Tokens per block row of the down kernel (one per lane).
 const DOWN_TOKENS: usize = 32;
 
@@ -361,12 +364,14 @@ unsafe fn launch_topk(device: &Device, c: &TopkChecked, stream: Stream) -> Resul
     let mut args =
         crate::kernel_args![logits, ls, t, e, k, scoring, renorm, scale, ids, weights, counts, offsets, sorted, fused];
     let block = ((TOPK_WARPS * 32) as u32, 1, 1);
-    device.launch(&kernel, (blocks as u32, 1, 1), block, 0, stream.raw(), &mut args)?;
+    // Decode: one warp per token (at least four, which share the index's per-expert loop).
+    let topk_block = if blocks == 1 { ((32 * tokens.max(4)) as u32, 1, 1) } else { block };
+    device.launch_dependent(&kernel, (blocks as u32, 1, 1), topk_block, 0, stream.raw(), &mut args)?;
     if blocks > 1 {
         let kernel = device.kernel(&ROUTER_SOURCE, "expert_index_kernel")?;
         let mut slots = (tokens * c.top_k) as i32;
         let mut args = crate::kernel_args![ids, slots, e, counts, offsets, sorted];
-        device.launch(&kernel, (1, 1, 1), block, 0, stream.raw(), &mut args)?;
+        device.launch_dependent(&kernel, (1, 1, 1), block, 0, stream.raw(), &mut args)?;
     }
     Ok(())
 }
@@ -729,7 +734,7 @@ unsafe fn launch_ffn(device: &Device, c: &FfnChecked, stream: Stream) -> Result<
     let grid_x = num_slots + usize::from(c.dense.is_some());
     let grid_y = r_inter.max(d_inter).div_ceil(FFN_WARPS);
     let block = ((FFN_WARPS * 32) as u32, 1, 1);
-    device.launch(&kernel, (grid_x as u32, grid_y as u32, 1), block, 0, stream.raw(), &mut args)?;
+    device.launch_dependent(&kernel, (grid_x as u32, grid_y as u32, 1), block, 0, stream.raw(), &mut args)?;
 
     let kernel = device.kernel(&FFN_SOURCE, "expert_down_kernel")?;
     let mut down = c.routed.as_ref().map_or(0, |r| r.down.ptr);
@@ -759,8 +764,9 @@ unsafe fn launch_ffn(device: &Device, c: &FfnChecked, stream: Stream) -> Result<
         os,
         accumulate
     ];
-    let grid = (hidden.div_ceil(FFN_WARPS) as u32, tokens.div_ceil(DOWN_TOKENS) as u32, 1);
-    device.launch(&kernel, grid, block, 0, stream.raw(), &mut args)
+    let grid = (hidden.div_ceil(DOWN_ROWS) as u32, tokens.div_ceil(DOWN_TOKENS) as u32, 1);
+    let block = ((DOWN_ROWS * DOWN_SPLIT * 32) as u32, 1, 1);
+    device.launch_dependent(&kernel, grid, block, 0, stream.raw(), &mut args)
 }
 
 /// Reads the input side of an FFN call from host memory and computes the f64 result parts.

@@ -13,7 +13,12 @@
 // (deterministic, no atomics) with a single rounding at the end.
 #include "common/common.cuh"
 
-constexpr int FFN_WARPS = 8;
+// gate/up: warps (one intermediate row each) per block. Small blocks with MT = 1 held to 64 registers keep
+// 8 blocks (32 warps) resident per SM and give the block scheduler finer pieces to balance over the SMs.
+constexpr int FFN_WARPS = 4;
+// down: DOWN_ROWS output rows per block, DOWN_SPLIT warps per row, each taking every DOWN_SPLIT-th item.
+constexpr int DOWN_ROWS = 4;
+constexpr int DOWN_SPLIT = 2;
 constexpr int FFN_UNROLL = 4;
 constexpr int ACT_SILU = 0;
 constexpr int ACT_GELU_TANH = 1;
@@ -80,12 +85,15 @@ SPK_DEVICE void gate_up_rows(const bf16_t* __restrict__ w, int inter, int hidden
 // grid.x: num_slots routed positions, plus one for the dense FFN when present; grid.y: row tiles of
 // FFN_WARPS intermediate rows, sized for the larger of the two intermediates.
 template <int ACT, int MT>
-__global__ void __launch_bounds__(FFN_WARPS * 32) expert_gate_up_kernel(
+__global__ void __launch_bounds__(FFN_WARPS * 32, MT == 1 ? 8 : 1) expert_gate_up_kernel(
     const bf16_t* __restrict__ x, i64 x_row_stride, int top_k, int hidden, const bf16_t* __restrict__ gate_up,
     int inter, const int* __restrict__ topk_ids, const int* __restrict__ expert_offsets,
     const int* __restrict__ sorted_slots, int num_slots, bf16_t* __restrict__ h_routed, int tokens,
     const bf16_t* __restrict__ dense_gate_up, int dense_inter, const bf16_t* __restrict__ dense_gate_weight,
     bf16_t* __restrict__ h_dense, float* __restrict__ dense_gate) {
+    // Launched with programmatic dependent launch: the routing is written by the kernel before this one.
+    pdl_wait();
+    pdl_launch_dependents();
     const int warp = threadIdx.x >> 5;
     const int lane = threadIdx.x & 31;
     const int row = blockIdx.y * FFN_WARPS + warp;
@@ -194,28 +202,22 @@ SPK_DEVICE void warp_dot_group(const bf16_t* const (&w)[DOWN_GROUP], const bf16_
     float acc[DOWN_GROUP];
 #pragma unroll
     for (int g = 0; g < DOWN_GROUP; ++g) acc[g] = 0.0f;
-    for (int base = 0; base < max_vec; base += 64) {
-        uint4 wv[DOWN_GROUP][2];
+    // One 16-byte load per row per step keeps DOWN_GROUP loads in flight per lane within 85 registers, so
+    // that three blocks of 8 warps (24 warps) stay resident per SM without spilling.
+    for (int base = 0; base < max_vec; base += 32) {
+        uint4 wv[DOWN_GROUP];
+        const int v = base + lane;
+#pragma unroll
+        for (int g = 0; g < DOWN_GROUP; ++g)
+            wv[g] = v < (len[g] >> 3) ? load_u128_stream(w[g] + (i64)v * 8) : make_uint4(0, 0, 0, 0);
 #pragma unroll
         for (int g = 0; g < DOWN_GROUP; ++g) {
+            if (v < (len[g] >> 3)) {
+                float wf[8], hf[8];
+                bf16x8_to_f32(wv[g], wf);
+                bf16x8_to_f32(load_u128(h[g] + (i64)v * 8), hf);
 #pragma unroll
-            for (int u = 0; u < 2; ++u) {
-                const int v = base + u * 32 + lane;
-                wv[g][u] = v < (len[g] >> 3) ? load_u128_stream(w[g] + (i64)v * 8) : make_uint4(0, 0, 0, 0);
-            }
-        }
-#pragma unroll
-        for (int g = 0; g < DOWN_GROUP; ++g) {
-#pragma unroll
-            for (int u = 0; u < 2; ++u) {
-                const int v = base + u * 32 + lane;
-                if (v < (len[g] >> 3)) {
-                    float wf[8], hf[8];
-                    bf16x8_to_f32(wv[g][u], wf);
-                    bf16x8_to_f32(load_u128(h[g] + (i64)v * 8), hf);
-#pragma unroll
-                    for (int j = 0; j < 8; ++j) acc[g] = fmaf(wf[j], hf[j], acc[g]);
-                }
+                for (int j = 0; j < 8; ++j) acc[g] = fmaf(wf[j], hf[j], acc[g]);
             }
         }
     }
@@ -223,26 +225,36 @@ SPK_DEVICE void warp_dot_group(const bf16_t* const (&w)[DOWN_GROUP], const bf16_
     for (int g = 0; g < DOWN_GROUP; ++g) out[g] = warp_reduce_sum(acc[g]);
 }
 
-// grid.x: row tiles of FFN_WARPS output rows; grid.y: chunks of 32 tokens. Lane m of a warp accumulates
-// token t0 + m of the warp's output row. Both paths add the routed terms in expert-sorted order, then the
-// dense term, then the existing output: a fixed order, so results are deterministic.
-__global__ void __launch_bounds__(FFN_WARPS * 32) expert_down_kernel(
+// grid.x: tiles of DOWN_ROWS output rows; grid.y: chunks of 32 tokens. Warp w of a block works on output
+// row w % DOWN_ROWS and takes part w / DOWN_ROWS of its items (every DOWN_SPLIT-th decode item, every
+// DOWN_SPLIT-th expert segment and dense token at prefill), so twice the warps stream at once and each
+// has half the serial chain of dependent loads. Lane m accumulates token t0 + m; every part adds its terms
+// in expert-sorted order, then the dense terms; the parts are summed in part order, then the existing
+// output: a fixed order, so results are deterministic.
+__global__ void __launch_bounds__(DOWN_ROWS * DOWN_SPLIT * 32, 3) expert_down_kernel(
     int tokens, int top_k, int hidden, const bf16_t* __restrict__ down, int inter, const int* __restrict__ topk_ids,
     const float* __restrict__ topk_weights, const int* __restrict__ expert_offsets,
     const int* __restrict__ sorted_slots, int num_slots, const bf16_t* __restrict__ h_routed,
     const bf16_t* __restrict__ dense_down, int dense_inter, const bf16_t* __restrict__ h_dense,
     const float* __restrict__ dense_gate, bf16_t* __restrict__ out, i64 out_row_stride, int accumulate) {
+    __shared__ float partial[DOWN_SPLIT][DOWN_ROWS][32];
+    // Launched with programmatic dependent launch: h and the routing come from the kernels before this one.
+    pdl_wait();
+    pdl_launch_dependents();
     const int lane = threadIdx.x & 31;
-    const int n = blockIdx.x * FFN_WARPS + (threadIdx.x >> 5);
-    if (n >= hidden) return;
+    const int warp = threadIdx.x >> 5;
+    const int row_local = warp % DOWN_ROWS;
+    const int part = warp / DOWN_ROWS;
+    const int n = blockIdx.x * DOWN_ROWS + row_local;
+    const bool row_ok = n < hidden;
     const int t0 = blockIdx.y * 32;
     const int nt = min(32, tokens - t0);
     float acc = 0.0f;
 
-    if (gridDim.y == 1) {
+    if (row_ok && gridDim.y == 1) {
         // Decode (at most 32 tokens): the items are every routed slot in sorted order, then the dense FFN
-        // per token. Lanes fetch the routing of 32 items at once, then the warp runs them DOWN_GROUP at a
-        // time with all their row loads in flight.
+        // per token. Lanes fetch the routing of 32 items at once, then the warp runs its items (positions
+        // part, part + DOWN_SPLIT, ... of the 32) DOWN_GROUP at a time with all their row loads in flight.
         const int n_items = num_slots + (dense_down != nullptr ? nt : 0);
         for (int base = 0; base < n_items; base += 32) {
             const int it = base + lane;
@@ -268,55 +280,70 @@ __global__ void __launch_bounds__(FFN_WARPS * 32) expert_down_kernel(
                 my_target = m;
             }
             const int count = min(32, n_items - base);
-            for (int g0 = 0; g0 < count; g0 += DOWN_GROUP) {
+            for (int j0 = part; j0 < count; j0 += DOWN_GROUP * DOWN_SPLIT) {
                 const bf16_t* w[DOWN_GROUP];
                 const bf16_t* h[DOWN_GROUP];
                 int len[DOWN_GROUP];
                 float d[DOWN_GROUP];
 #pragma unroll
                 for (int g = 0; g < DOWN_GROUP; ++g) {
-                    // Lanes past the last item hold my_len = 0: their slots in the group are absent.
-                    w[g] = (const bf16_t*)__shfl_sync(0xffffffffu, (unsigned long long)my_w, g0 + g);
-                    h[g] = (const bf16_t*)__shfl_sync(0xffffffffu, (unsigned long long)my_h, g0 + g);
-                    len[g] = __shfl_sync(0xffffffffu, my_len, g0 + g);
+                    // Positions past the batch are absent (length 0); the source lane is clamped so that
+                    // the shuffle never wraps around onto another item.
+                    const int j = j0 + g * DOWN_SPLIT;
+                    const int src = min(j, 31);
+                    w[g] = (const bf16_t*)__shfl_sync(0xffffffffu, (unsigned long long)my_w, src);
+                    h[g] = (const bf16_t*)__shfl_sync(0xffffffffu, (unsigned long long)my_h, src);
+                    const int l = __shfl_sync(0xffffffffu, my_len, src);
+                    len[g] = j < count ? l : 0;
                 }
                 warp_dot_group(w, h, len, d);
 #pragma unroll
                 for (int g = 0; g < DOWN_GROUP; ++g) {
-                    const float scale = __shfl_sync(0xffffffffu, my_scale, g0 + g);
-                    const int target = __shfl_sync(0xffffffffu, my_target, g0 + g);
-                    if (lane == target) acc = fmaf(scale, d[g], acc);
+                    const int j = j0 + g * DOWN_SPLIT;
+                    const int src = min(j, 31);
+                    const float scale = __shfl_sync(0xffffffffu, my_scale, src);
+                    const int target = __shfl_sync(0xffffffffu, my_target, src);
+                    if (j < count && lane == target) acc = fmaf(scale, d[g], acc);
                 }
             }
         }
-    } else {
-        // Prefill: each expert segment's slots of this token chunk, found by binary search.
+    } else if (row_ok) {
+        // Prefill: each expert segment's slots of this token chunk, found by binary search; the part takes
+        // every DOWN_SPLIT-th segment.
         const int slot_lo = t0 * top_k;
         const int slot_hi = (t0 + nt) * top_k;
-        for (int p = 0; p < num_slots;) {
+        int seg = 0;
+        for (int p = 0; p < num_slots; ++seg) {
             const int e = topk_ids[sorted_slots[p]];
             const int end = expert_offsets[e + 1];
-            const bf16_t* w_row = down + ((i64)e * hidden + n) * inter;
-            for (int q = lower_bound_slot(sorted_slots, p, end, slot_lo); q < end; ++q) {
-                const int s = sorted_slots[q];
-                if (s >= slot_hi) break;
-                const float d = warp_dot(w_row, h_routed + (i64)s * inter, inter);
-                if (lane == s / top_k - t0) acc = fmaf(topk_weights[s], d, acc);
+            if (seg % DOWN_SPLIT == part) {
+                const bf16_t* w_row = down + ((i64)e * hidden + n) * inter;
+                for (int q = lower_bound_slot(sorted_slots, p, end, slot_lo); q < end; ++q) {
+                    const int s = sorted_slots[q];
+                    if (s >= slot_hi) break;
+                    const float d = warp_dot(w_row, h_routed + (i64)s * inter, inter);
+                    if (lane == s / top_k - t0) acc = fmaf(topk_weights[s], d, acc);
+                }
             }
             p = end;
         }
         if (dense_down != nullptr) {
             const bf16_t* w_row = dense_down + (i64)n * dense_inter;
-            for (int m = 0; m < nt; ++m) {
+            for (int m = part; m < nt; m += DOWN_SPLIT) {
                 const float d = warp_dot(w_row, h_dense + (i64)(t0 + m) * dense_inter, dense_inter);
                 const float scale = dense_gate != nullptr ? dense_gate[t0 + m] : 1.0f;
                 if (lane == m) acc = fmaf(scale, d, acc);
             }
         }
     }
-    if (lane < nt) {
+    partial[part][row_local][lane] = acc;
+    __syncthreads();
+    if (part == 0 && row_ok && lane < nt) {
+        float sum = partial[0][row_local][lane];
+#pragma unroll
+        for (int q = 1; q < DOWN_SPLIT; ++q) sum += partial[q][row_local][lane];
         bf16_t* o = out + (i64)(t0 + lane) * out_row_stride + n;
-        if (accumulate) acc += bf16_to_f32(*o);
-        *o = f32_to_bf16(acc);
+        if (accumulate) sum += bf16_to_f32(*o);
+        *o = f32_to_bf16(sum);
     }
 }

@@ -105,7 +105,8 @@ constexpr int SCORING_SOFTMAX = 0;
 
 SPK_DEVICE bool ranks_before(float va, int ia, float vb, int ib) { return va > vb || (va == vb && ia < ib); }
 
-SPK_DEVICE void route_token(const float* __restrict__ logits_row, int experts, int top_k, int scoring,
+// Returns the expert of selection `lane` in lanes < top_k.
+SPK_DEVICE int route_token(const float* __restrict__ logits_row, int experts, int top_k, int scoring,
                             bool renormalize, const float* __restrict__ expert_scale, int* __restrict__ ids_row,
                             float* __restrict__ weights_row) {
     const int lane = threadIdx.x & 31;
@@ -171,6 +172,7 @@ SPK_DEVICE void route_token(const float* __restrict__ logits_row, int experts, i
         ids_row[lane] = my_id;
         weights_row[lane] = score;
     }
+    return my_id;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -245,23 +247,59 @@ SPK_DEVICE void build_index(const int* __restrict__ ids, int num_slots, int expe
     }
 }
 
+// Expert index of a single block's few slots (T <= TOPK_WARPS, so at most 16 * 16 = 256 slots), from the
+// ids in shared memory: slot s goes to position #{q : (id_q, q) < (id_s, s)} and expert e's offset is
+// #{q : id_q < e}. Each thread scans the slots once (broadcast shared reads), with no serial pass over
+// warps or experts and no shared counters to clear: the same order as build_index.
+constexpr int SMALL_INDEX_SLOTS = TOPK_WARPS * 16;
+
+SPK_DEVICE void build_index_small(const int* __restrict__ sh_ids, int num_slots, int experts,
+                                  int* __restrict__ counts, int* __restrict__ offsets,
+                                  int* __restrict__ sorted_slots) {
+    for (int s = threadIdx.x; s < num_slots; s += blockDim.x) {
+        const int e = sh_ids[s];
+        int rank = 0;
+        for (int q = 0; q < num_slots; ++q) {
+            const int eq = sh_ids[q];
+            rank += (eq < e || (eq == e && q < s)) ? 1 : 0;
+        }
+        sorted_slots[rank] = s;
+    }
+    for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+        int below = 0, count = 0;
+        for (int q = 0; q < num_slots; ++q) {
+            const int eq = sh_ids[q];
+            below += eq < e ? 1 : 0;
+            count += eq == e ? 1 : 0;
+        }
+        offsets[e] = below;
+        counts[e] = count;
+    }
+    if (threadIdx.x == 0) offsets[experts] = num_slots;
+}
+
 // One warp per token. With a single block (T <= TOPK_WARPS, the decode case) the same launch also builds
-// the index, saving a launch on the critical path; otherwise expert_index_kernel follows.
+// the index from the ids it keeps in shared memory, saving a launch on the critical path; otherwise
+// expert_index_kernel follows. The decode launch may have fewer than TOPK_WARPS warps (one per token).
+// Launched with programmatic dependent launch: nothing is read before pdl_wait().
 __global__ void __launch_bounds__(TOPK_WARPS * 32) topk_router_kernel(
     const float* __restrict__ logits, i64 logits_row_stride, int tokens, int experts, int top_k, int scoring,
     int renormalize, const float* __restrict__ expert_scale, int* __restrict__ topk_ids,
     float* __restrict__ topk_weights, int* __restrict__ counts, int* __restrict__ offsets,
     int* __restrict__ sorted_slots, int build_index_here) {
-    __shared__ IndexShared sh;
+    __shared__ int sh_ids[SMALL_INDEX_SLOTS];
+    pdl_wait();
+    pdl_launch_dependents();
+    const int lane = threadIdx.x & 31;
     const int t = blockIdx.x * TOPK_WARPS + (threadIdx.x >> 5);
     if (t < tokens) {
-        route_token(logits + (i64)t * logits_row_stride, experts, top_k, scoring, renormalize != 0, expert_scale,
-                    topk_ids + (i64)t * top_k, topk_weights + (i64)t * top_k);
+        const int id = route_token(logits + (i64)t * logits_row_stride, experts, top_k, scoring, renormalize != 0,
+                                   expert_scale, topk_ids + (i64)t * top_k, topk_weights + (i64)t * top_k);
+        if (build_index_here && lane < top_k) sh_ids[t * top_k + lane] = id;
     }
     if (build_index_here) {
-        // __syncthreads makes the block's global writes of topk_ids visible to all its threads.
         __syncthreads();
-        build_index(topk_ids, tokens * top_k, experts, counts, offsets, sorted_slots, sh);
+        build_index_small(sh_ids, tokens * top_k, experts, counts, offsets, sorted_slots);
     }
 }
 
@@ -269,5 +307,7 @@ __global__ void __launch_bounds__(TOPK_WARPS * 32)
     expert_index_kernel(const int* __restrict__ topk_ids, int num_slots, int experts, int* __restrict__ counts,
                         int* __restrict__ offsets, int* __restrict__ sorted_slots) {
     __shared__ IndexShared sh;
+    pdl_wait();
+    pdl_launch_dependents();
     build_index(topk_ids, num_slots, experts, counts, offsets, sorted_slots, sh);
 }

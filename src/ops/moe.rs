@@ -79,12 +79,24 @@ fn gate_up_name(act: Activation, mt: usize) -> String {
     format!("expert_gate_up_kernel<{}, {mt}>", act_code(act))
 }
 
+fn grouped_gate_up_name(act: Activation) -> String {
+    format!("grouped_gate_up_kernel<{}>", act_code(act))
+}
+
+/// Above this many tokens the gate/up projection runs as a grouped GEMM on tensor cores.
+const GROUPED_MIN_TOKENS: usize = 33;
+/// Tile of the grouped gate/up kernel (GG_BM rows x GG_BN gate and up columns, GG_THREADS threads).
+const GG_BM: usize = 64;
+const GG_BN: usize = 64;
+const GG_THREADS: usize = 128;
+
 fn ffn_instantiations() -> Vec<String> {
     let mut v: Vec<String> = [Activation::Silu, Activation::GeluTanh]
         .iter()
         .flat_map(|&a| GATE_UP_TILES.iter().map(move |&mt| gate_up_name(a, mt)))
         .collect();
     v.push("expert_down_kernel".into());
+    v.extend([Activation::Silu, Activation::GeluTanh].map(grouped_gate_up_name));
     v
 }
 
@@ -711,30 +723,58 @@ unsafe fn launch_ffn(device: &Device, c: &FfnChecked, stream: Stream) -> Result<
     let mut d_gate_w = c.dense.as_ref().and_then(|d| d.gate).map_or(0, |g| g.ptr);
     let mut h_dense = ws + c.layout.h_dense as u64;
     let mut d_gate = ws + c.layout.dense_gate as u64;
-    let kernel = device.kernel(&FFN_SOURCE, &gate_up_name(c.act, mt))?;
-    let mut args = crate::kernel_args![
-        x,
-        xs,
-        top_k,
-        h,
-        gate_up,
-        inter,
-        ids,
-        offsets,
-        sorted,
-        slots,
-        h_routed,
-        t,
-        d_gate_up,
-        d_inter_arg,
-        d_gate_w,
-        h_dense,
-        d_gate
-    ];
-    let grid_x = num_slots + usize::from(c.dense.is_some());
-    let grid_y = r_inter.max(d_inter).div_ceil(FFN_WARPS);
-    let block = ((FFN_WARPS * 32) as u32, 1, 1);
-    device.launch_dependent(&kernel, (grid_x as u32, grid_y as u32, 1), block, 0, stream.raw(), &mut args)?;
+    if tokens >= GROUPED_MIN_TOKENS {
+        // Grid from host bounds: every expert's tiles fit in ceil(T k / BM) + E, then the dense tiles.
+        let kernel = device.kernel(&FFN_SOURCE, &grouped_gate_up_name(c.act))?;
+        let mut experts = c.routed.as_ref().map_or(0, |r| r.experts) as i32;
+        let mut args = crate::kernel_args![
+            x,
+            xs,
+            top_k,
+            h,
+            gate_up,
+            inter,
+            offsets,
+            sorted,
+            experts,
+            h_routed,
+            t,
+            d_gate_up,
+            d_inter_arg,
+            d_gate_w,
+            h_dense,
+            d_gate
+        ];
+        let routed_tiles = if c.routed.is_some() { num_slots.div_ceil(GG_BM) + experts as usize } else { 0 };
+        let dense_tiles = if c.dense.is_some() { tokens.div_ceil(GG_BM) } else { 0 };
+        let grid = ((routed_tiles + dense_tiles) as u32, r_inter.max(d_inter).div_ceil(GG_BN) as u32, 1);
+        device.launch_dependent(&kernel, grid, (GG_THREADS as u32, 1, 1), 0, stream.raw(), &mut args)?;
+    } else {
+        let kernel = device.kernel(&FFN_SOURCE, &gate_up_name(c.act, mt))?;
+        let mut args = crate::kernel_args![
+            x,
+            xs,
+            top_k,
+            h,
+            gate_up,
+            inter,
+            ids,
+            offsets,
+            sorted,
+            slots,
+            h_routed,
+            t,
+            d_gate_up,
+            d_inter_arg,
+            d_gate_w,
+            h_dense,
+            d_gate
+        ];
+        let grid_x = num_slots + usize::from(c.dense.is_some());
+        let grid_y = r_inter.max(d_inter).div_ceil(FFN_WARPS);
+        let block = ((FFN_WARPS * 32) as u32, 1, 1);
+        device.launch_dependent(&kernel, (grid_x as u32, grid_y as u32, 1), block, 0, stream.raw(), &mut args)?;
+    }
 
     let kernel = device.kernel(&FFN_SOURCE, "expert_down_kernel")?;
     let mut down = c.routed.as_ref().map_or(0, |r| r.down.ptr);

@@ -347,3 +347,223 @@ __global__ void __launch_bounds__(DOWN_ROWS * DOWN_SPLIT * 32, 3) expert_down_ke
         *o = f32_to_bf16(sum);
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// Grouped gate/up GEMM on tensor cores for prefill (mma.sync m16n8k16 bf16 -> fp32, ldmatrix, cp.async).
+//
+// A block computes a GG_BM x GG_BN tile of h for one group: a routed expert (its rows are GG_BM consecutive
+// positions of its segment of the expert-sorted slot list, each the x row of the slot's token) or the
+// dense FFN (group `experts`, rows are tokens). Its B tile is the gate rows [n0, n0 + GG_BN) and the up
+// rows [inter + n0, ...) of the group's weights, so the epilogue has gate and up of the same element in one
+// thread: h = bf16(act(gate) * up), as the decode kernel. The grid is sized from host bounds: blockIdx.x
+// enumerates the tiles of every group (sum over experts of ceil(count / GG_BM) <= ceil(T k / GG_BM) +
+// experts, then ceil(T / GG_BM) dense tiles); warp 0 finds its block's group and tile from the offsets, and
+// blocks past the last tile exit. Counts never leave the GPU.
+// 4 warps in 2 x 2: warp (wm, wn) owns rows wm * 32 .. + 32 and columns wn * 32 .. + 32 of gate and of up.
+// Shared rows are padded to GG_LD = 40 bf16 (80 bytes): the 8 rows an ldmatrix reads fall in distinct banks.
+// ---------------------------------------------------------------------------------------------------------
+#include "common/mma.cuh"
+
+constexpr int GG_BM = 64;
+constexpr int GG_BN = 64;
+constexpr int GG_BK = 32;
+constexpr int GG_STAGES = 3;
+constexpr int GG_LD = GG_BK + 8;
+constexpr int GG_THREADS = 128;
+
+template <int ACT>
+__global__ void __launch_bounds__(GG_THREADS) grouped_gate_up_kernel(
+    const bf16_t* __restrict__ x, i64 x_row_stride, int top_k, int hidden, const bf16_t* __restrict__ gate_up,
+    int inter, const int* __restrict__ expert_offsets, const int* __restrict__ sorted_slots, int experts,
+    bf16_t* __restrict__ h_routed, int tokens, const bf16_t* __restrict__ dense_gate_up, int dense_inter,
+    const bf16_t* __restrict__ dense_gate_weight, bf16_t* __restrict__ h_dense, float* __restrict__ dense_gate) {
+    __shared__ __align__(16) bf16_t a_s[GG_STAGES][GG_BM][GG_LD];
+    __shared__ __align__(16) bf16_t b_s[GG_STAGES][2 * GG_BN][GG_LD];
+    __shared__ const bf16_t* a_rows[GG_BM];  // x row of each tile row, nullptr past the group's end
+    __shared__ bf16_t* h_rows[GG_BM];
+    __shared__ int s_group, s_tile;
+    // Launched with programmatic dependent launch: the routing is written by the kernel before this one.
+    pdl_wait();
+    pdl_launch_dependents();
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const int b = blockIdx.x;
+
+    if (warp == 0) {
+        // Tiles of experts e0 .. e0 + 31 by a warp scan, until the running total passes b.
+        int group = -1, tile = 0, base = 0;
+        for (int e0 = 0; e0 < experts && base <= b; e0 += 32) {
+            const int e = e0 + lane;
+            const int cnt = e < experts ? expert_offsets[e + 1] - expert_offsets[e] : 0;
+            const int nt = (cnt + GG_BM - 1) / GG_BM;
+            int incl = nt;
+#pragma unroll
+            for (int off = 1; off < 32; off <<= 1) {
+                const int v = __shfl_up_sync(0xffffffffu, incl, off);
+                if (lane >= off) incl += v;
+            }
+            const int excl = base + incl - nt;
+            if (b >= excl && b < excl + nt) {
+                group = e;
+                tile = b - excl;
+            }
+            base += __shfl_sync(0xffffffffu, incl, 31);
+        }
+        const unsigned found = __ballot_sync(0xffffffffu, group >= 0);
+        if (found != 0) {
+            const int src = __ffs(found) - 1;
+            group = __shfl_sync(0xffffffffu, group, src);
+            tile = __shfl_sync(0xffffffffu, tile, src);
+        } else {
+            // No routed tile: base is the routed total (the loop ran over every expert).
+            tile = b - base;
+            group = (dense_gate_up != nullptr && tile * GG_BM < tokens) ? experts : -1;
+        }
+        if (lane == 0) {
+            s_group = group;
+            s_tile = tile;
+        }
+    }
+    __syncthreads();
+    const int group = s_group;
+    if (group < 0) return;
+    const bool routed = group < experts;
+    const int p0 = (routed ? expert_offsets[group] : 0) + s_tile * GG_BM;
+    const int end = routed ? expert_offsets[group + 1] : tokens;
+    const int I = routed ? inter : dense_inter;
+    const bf16_t* w = routed ? gate_up + (i64)group * 2 * inter * hidden : dense_gate_up;
+    const int n0 = blockIdx.y * GG_BN;
+
+    if (!routed && blockIdx.y == 0 && dense_gate_weight != nullptr) {
+        // The dense gate sigmoid(x . w_sg) of this tile's tokens, a warp per token.
+        const int num_vec = hidden >> 3;
+        for (int m = warp; m < min(GG_BM, end - p0); m += GG_THREADS / 32) {
+            const int t = p0 + m;
+            float acc = 0.0f;
+            for (int v = lane; v < num_vec; v += 32) {
+                float xf[8], wf[8];
+                bf16x8_to_f32(load_u128_ro(x + (i64)t * x_row_stride + (i64)v * 8), xf);
+                bf16x8_to_f32(load_u128_ro(dense_gate_weight + (i64)v * 8), wf);
+#pragma unroll
+                for (int j = 0; j < 8; ++j) acc = fmaf(xf[j], wf[j], acc);
+            }
+            acc = warp_reduce_sum(acc);
+            if (lane == 0) dense_gate[t] = 1.0f / (1.0f + expf(-acc));
+        }
+    }
+    if (n0 >= I) return;
+
+    for (int r = tid; r < GG_BM; r += GG_THREADS) {
+        const int p = p0 + r;
+        const bf16_t* a = nullptr;
+        bf16_t* h = nullptr;
+        if (p < end) {
+            if (routed) {
+                const int s = sorted_slots[p];
+                a = x + (i64)(s / top_k) * x_row_stride;
+                h = h_routed + (i64)s * inter;
+            } else {
+                a = x + (i64)p * x_row_stride;
+                h = h_dense + (i64)p * dense_inter;
+            }
+        }
+        a_rows[r] = a;
+        h_rows[r] = h;
+    }
+    __syncthreads();
+
+    const int num_k = (hidden + GG_BK - 1) / GG_BK;
+    // Stage st <- k tile kt: A is 64 rows x 4 chunks of 16 bytes, B 128 rows x 4 chunks; absent rows and
+    // columns past the end are zero-filled (the source address is then a valid dummy).
+    auto load_tile = [&](int st, int kt) {
+#pragma unroll
+        for (int i = 0; i < GG_BM * 4 / GG_THREADS; ++i) {
+            const int idx = tid + i * GG_THREADS;
+            const int r = idx >> 2, c = idx & 3;
+            const int k = kt * GG_BK + c * 8;
+            const bf16_t* src = a_rows[r];
+            const bool ok = src != nullptr && k < hidden;
+            cp_async_16(&a_s[st][r][c * 8], ok ? src + k : x, ok);
+        }
+#pragma unroll
+        for (int i = 0; i < 2 * GG_BN * 4 / GG_THREADS; ++i) {
+            const int idx = tid + i * GG_THREADS;
+            const int r = idx >> 2, c = idx & 3;
+            const int k = kt * GG_BK + c * 8;
+            const int col = n0 + (r & (GG_BN - 1));
+            const i64 wrow = (r < GG_BN ? 0 : I) + col;
+            const bool ok = col < I && k < hidden;
+            cp_async_16(&b_s[st][r][c * 8], ok ? w + wrow * hidden + k : w, ok);
+        }
+    };
+
+    float acc[2][2][4][4];  // [gate/up][mi][ni][fragment]
+#pragma unroll
+    for (int q = 0; q < 2; ++q)
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+                for (int f = 0; f < 4; ++f) acc[q][mi][ni][f] = 0.0f;
+
+#pragma unroll
+    for (int s = 0; s < GG_STAGES - 1; ++s) {
+        if (s < num_k) load_tile(s, s);
+        cp_async_commit();
+    }
+    const int wm = warp & 1, wn = warp >> 1;
+    for (int kt = 0; kt < num_k; ++kt) {
+        // Group kt (one is committed per k tile, empty ones included) has landed; the barrier also
+        // retires every warp's reads of the stage that the next load overwrites (tile kt - 1's).
+        cp_async_wait<GG_STAGES - 2>();
+        __syncthreads();
+        const int next = kt + GG_STAGES - 1;
+        if (next < num_k) load_tile(next % GG_STAGES, next);
+        cp_async_commit();
+        const int st = kt % GG_STAGES;
+#pragma unroll
+        for (int kk = 0; kk < GG_BK / 16; ++kk) {
+            unsigned a[2][4];
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi)
+                ldmatrix_x4(a[mi], &a_s[st][wm * 32 + mi * 16 + (lane & 15)][kk * 16 + (lane >> 4) * 8]);
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
+#pragma unroll
+                for (int nj = 0; nj < 2; ++nj) {
+                    unsigned bq[4];
+                    const int row = q * GG_BN + wn * 32 + nj * 16 + ((lane >> 4) << 3) + (lane & 7);
+                    ldmatrix_x4(bq, &b_s[st][row][kk * 16 + ((lane >> 3) & 1) * 8]);
+#pragma unroll
+                    for (int mi = 0; mi < 2; ++mi) {
+                        mma_bf16_16816(acc[q][mi][nj * 2], a[mi], bq[0], bq[1]);
+                        mma_bf16_16816(acc[q][mi][nj * 2 + 1], a[mi], bq[2], bq[3]);
+                    }
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int r = wm * 32 + mi * 16 + (lane >> 2) + half * 8;
+            bf16_t* h = h_rows[r];
+            if (h == nullptr) continue;
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni) {
+                const int col = n0 + wn * 32 + ni * 8 + 2 * (lane & 3);
+                if (col < I) {
+                    const float g0 = acc[0][mi][ni][half * 2], g1 = acc[0][mi][ni][half * 2 + 1];
+                    const float u0 = acc[1][mi][ni][half * 2], u1 = acc[1][mi][ni][half * 2 + 1];
+                    *reinterpret_cast<unsigned*>(h + col) =
+                        pack_bf16x2(activation<ACT>(g0) * u0, activation<ACT>(g1) * u1);
+                }
+            }
+        }
+    }
+}

@@ -29,7 +29,7 @@ for step in "${steps[@]}"; do
   case $step in
     tests)
       for t in ${TESTS:-.gpu/tests/*}; do
-        run_step "test-$(basename "$t")" "$t" --include-ignored --test-threads=1
+        run_step "test-$(basename "$t")" "$t" --include-ignored --test-threads=${TEST_THREADS:-1}
         grep -E "^test result|FAILED|panicked" "$OUT/test-$(basename "$t").log" | head -20
       done ;;
     check) run_step check .gpu/sparkinfer check; tail -5 "$OUT/check.log"; grep FAIL "$OUT/check.log" | head -20 ;;

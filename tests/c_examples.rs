@@ -8,10 +8,17 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// target/<profile>, where cargo put libsparkinfer.so before building this test.
+/// The folder of the libsparkinfer.so built with this test: `cargo test` leaves it in target/<profile>/deps
+/// beside the test binary (it copies it up to target/<profile> only on `cargo build`); a staged copy of the
+/// tests (bench/stage.sh) has it one folder up.
 fn lib_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    exe.parent().and_then(Path::parent).unwrap().to_path_buf()
+    let here = exe.parent().unwrap();
+    if here.join("libsparkinfer.so").exists() {
+        here.to_path_buf()
+    } else {
+        here.parent().unwrap().to_path_buf()
+    }
 }
 
 fn compiler(cpp: bool) -> Command {
@@ -40,7 +47,10 @@ fn build_and_run(source: &Path, out_dir: &Path) -> String {
         .status()
         .unwrap();
     assert!(status.success(), "compiling {} failed", source.display());
-    let out = Command::new(&exe).output().unwrap();
+    // cargo puts target/<profile> first on LD_LIBRARY_PATH, which would win over the rpath and may hold
+    // an older build of the library.
+    let path = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
+    let out = Command::new(&exe).env("LD_LIBRARY_PATH", format!("{}:{path}", lib.display())).output().unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{} failed:\n{text}", source.display());
     text

@@ -224,22 +224,7 @@ impl Device {
         stream: sys::CUstream,
         args: &mut [*mut c_void],
     ) -> Result<()> {
-        self.bind()?;
-        sys::cuLaunchKernel(
-            kernel.func,
-            grid.0,
-            grid.1,
-            grid.2,
-            block.0,
-            block.1,
-            block.2,
-            shared_bytes,
-            stream,
-            args.as_mut_ptr(),
-            std::ptr::null_mut(),
-        )
-        .result()
-        .during(&format!("cuLaunchKernel({})", kernel.lowered_name))
+        self.launch_ex(kernel, grid, block, shared_bytes, stream, args, false)
     }
 
     /// Launches `kernel` on the caller's stream with programmatic stream serialisation (sm_90 and newer):
@@ -259,9 +244,19 @@ impl Device {
         stream: sys::CUstream,
         args: &mut [*mut c_void],
     ) -> Result<()> {
-        if self.info.cc_major < 9 {
-            return self.launch(kernel, grid, block, shared_bytes, stream, args);
-        }
+        self.launch_ex(kernel, grid, block, shared_bytes, stream, args, self.info.cc_major >= 9)
+    }
+
+    unsafe fn launch_ex(
+        &self,
+        kernel: &Kernel,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_bytes: u32,
+        stream: sys::CUstream,
+        args: &mut [*mut c_void],
+        programmatic: bool,
+    ) -> Result<()> {
         self.bind()?;
         let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
         attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
@@ -276,11 +271,11 @@ impl Device {
             sharedMemBytes: shared_bytes,
             hStream: stream,
             attrs: &mut attr,
-            numAttrs: 1,
+            numAttrs: u32::from(programmatic),
         };
         sys::cuLaunchKernelEx(&config, kernel.func, args.as_mut_ptr(), std::ptr::null_mut())
             .result()
-            .during(&format!("cuLaunchKernelEx({})", kernel.lowered_name))
+            .during(&format!("cuLaunchKernel({})", kernel.lowered_name))
     }
 
     /// Checks that `[ptr, ptr + bytes)` is memory this device can access: device, managed or

@@ -64,13 +64,6 @@ impl Graph {
         device.bind()?;
         sys::cuGraphLaunch(self.exec, stream).result().during("cuGraphLaunch")
     }
-
-    /// Number of kernel and other nodes captured.
-    pub fn node_count(&self) -> Result<usize> {
-        let mut n = 0usize;
-        unsafe { sys::cuGraphGetNodes(self.graph, std::ptr::null_mut(), &mut n) }.result().during("cuGraphGetNodes")?;
-        Ok(n)
-    }
 }
 
 impl Drop for Graph {

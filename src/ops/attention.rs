@@ -8,6 +8,9 @@
 //! The GQA group (1, 2, 4, 8, 16) and Tq are kernel arguments: one CTA serves every query head of its KV
 //! head and every new token, so each K/V tile is read once for all of them. Only when group × Tq exceeds
 //! the cap (Tq > 1 with large groups) are the rows spread over several CTAs that each read the tile.
+//! Shapes with group × Tq ≤ 16 and D ≤ 256 run a tensor-core kernel instead (`flash_decode_mma_kernel`:
+//! rows padded to one m16 tile, each warp streaming its own keys); the split partials of either kernel
+//! are merged by `attention_combine_kernel`.
 
 use super::{check_dim, check_ptr, overlaps, Backend, Context, Stream};
 use crate::error::{Error, Result};

@@ -2,6 +2,8 @@
 // key range (split-KV) so that one sequence fills the GPU, then merged by log-sum-exp; and, at the end of
 // the file, tensor-core prefill of up to 8192 tokens with the same parameters and masking.
 //
+// Two decode kernels: flash_decode_mma_kernel (tensor cores, per-warp KV streams) for group × Tq <= 16
+// and D <= 256, the common shapes; flash_decode_kernel (fp32 CUDA cores) for the rest, described here.
 // One CTA handles one (sequence, KV head, row chunk) = blockIdx.x and one split = blockIdx.y. Its rows are the query heads of the KV head's
 // GQA group times the new tokens (row = token * group + head_in_group), at most ROWS of them, so every
 // K/V tile is read from memory once for all of them. Tiles of KEYS = 8192 / D keys are fetched with

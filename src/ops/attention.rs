@@ -8,6 +8,9 @@
 //! The GQA group (1, 2, 4, 8, 16) and Tq are kernel arguments: one CTA serves every query head of its KV
 //! head and every new token, so each K/V tile is read once for all of them. Only when group × Tq exceeds
 //! the cap (Tq > 1 with large groups) are the rows spread over several CTAs that each read the tile.
+//! Shapes with group × Tq ≤ 16 and D ≤ 256 run a tensor-core kernel instead (`flash_decode_mma_kernel`:
+//! rows padded to one m16 tile, each warp streaming its own keys); the split partials of either kernel
+//! are merged by `attention_combine_kernel`.
 
 use super::{check_dim, check_ptr, overlaps, Backend, Context, Stream};
 use crate::error::{Error, Result};
@@ -40,6 +43,16 @@ pub const MAX_SEQ_LEN: i64 = 1 << 28;
 pub const MAX_SPLITS: usize = 256;
 /// Threads per CTA of the decode kernel (DECODE_THREADS).
 const DECODE_THREADS: u32 = 128;
+/// Threads per CTA of the split combine (COMBINE_THREADS).
+const COMBINE_THREADS: u32 = 256;
+/// The tensor-core decode kernel (`flash_decode_mma_kernel`) takes group × Tq up to this many rows (one
+/// m16 tile) for head dims up to `MMA_MAX_D`; other shapes run `flash_decode_kernel`.
+const MMA_ROWS: usize = 16;
+const MMA_MAX_D: usize = 256;
+/// Keys per warp tile of the tensor-core kernel (DecodeMma::N).
+const MMA_TILE_KEYS: usize = 16;
+/// CTAs per SM the tensor-core kernel's split count aims for (H100 holds 3 of its ≤ 75 KiB blocks).
+const MMA_CTAS_PER_SM: usize = 3;
 /// Shared memory a block may use on sm_120 / sm_121; every decode variant stays below it.
 const SHARED_LIMIT: usize = 99 * 1024;
 
@@ -69,6 +82,37 @@ pub fn decode_shared_bytes(d: usize, rows: usize) -> usize {
     2 * keys * k_pitch * 2 + 2 * keys * d * 2 + rows * d * 4 + rows * keys * 4 + 3 * rows * 4
 }
 
+/// Warps and ring stages per warp of `flash_decode_mma_kernel<D>` (DecodeMma::WARPS, DecodeMma::STAGES).
+fn mma_warps(d: usize) -> usize {
+    if d >= 256 {
+        2
+    } else {
+        4
+    }
+}
+
+fn mma_stages(d: usize) -> usize {
+    if d <= 64 {
+        3
+    } else {
+        2
+    }
+}
+
+/// `sizeof(DecodeMmaShared<D>)`: q [16][D + 8] bf16, then the union of the warps' K/V rings and the merge
+/// area (fp32 O, m and l of every warp).
+pub fn decode_mma_shared_bytes(d: usize) -> usize {
+    let pitch = d + 8;
+    let (warps, stages) = (mma_warps(d), mma_stages(d));
+    let ring = warps * stages * 2 * MMA_TILE_KEYS * pitch * 2;
+    let merge = warps * MMA_ROWS * d * 4 + 2 * warps * MMA_ROWS * 4;
+    MMA_ROWS * pitch * 2 + ring.max(merge)
+}
+
+fn decode_mma_name(d: usize) -> String {
+    format!("flash_decode_mma_kernel<{d}>")
+}
+
 fn decode_name(d: usize, rows: usize) -> String {
     format!("flash_decode_kernel<{d}, {rows}>")
 }
@@ -81,6 +125,9 @@ fn decode_instantiations() -> Vec<String> {
     let mut names = Vec::new();
     for d in HEAD_DIMS {
         names.extend(row_options(d).map(|r| decode_name(d, r)));
+        if d <= MMA_MAX_D {
+            names.push(decode_mma_name(d));
+        }
         names.push(combine_name(d));
     }
     names.extend(PREFILL_HEAD_DIMS.iter().map(|&d| prefill_name(d)));
@@ -172,6 +219,8 @@ struct Plan {
     d: usize,
     group: usize,
     max_len: usize,
+    /// Runs `flash_decode_mma_kernel` (rows_total ≤ MMA_ROWS, d ≤ MMA_MAX_D).
+    mma: bool,
     rows: usize,
     row_chunks: usize,
     splits: usize,
@@ -346,18 +395,20 @@ fn validate(a: &DecodeArgs, sm_count: usize, max_q_len: i64) -> Result<Plan> {
     }
 
     let rows_total = group * q_len;
-    let rows = rows_total.next_power_of_two().min(max_rows(d));
+    let mma = rows_total <= MMA_ROWS && d <= MMA_MAX_D;
+    let rows = if mma { MMA_ROWS } else { rows_total.next_power_of_two().min(max_rows(d)) };
     let row_chunks = rows_total.div_ceil(rows);
     // Split the key range a sequence can have (its window when set) so that the grid covers the GPU about
-    // twice; every split gets whole tiles.
-    let keys = tile_keys(d);
+    // twice (flash_decode_kernel) or fills MMA_CTAS_PER_SM blocks per SM (the tensor-core kernel, whose
+    // splits hold at least two tiles per warp); every split gets whole tiles.
+    let (keys, ctas_per_sm) = if mma { (2 * mma_warps(d) * MMA_TILE_KEYS, MMA_CTAS_PER_SM) } else { (tile_keys(d), 2) };
     let span = match a.window {
         Some(w) => max_len.min(w as usize + q_len - 1),
         None => max_len,
     };
     let tiles = span.div_ceil(keys);
     let units = batch * hkv * row_chunks;
-    let target = (2 * sm_count.max(1)).div_ceil(units);
+    let target = (ctas_per_sm * sm_count.max(1)).div_ceil(units);
     let wanted = target.clamp(1, tiles.min(MAX_SPLITS));
     let chunk_tiles = tiles.div_ceil(wanted);
     let splits = tiles.div_ceil(chunk_tiles);
@@ -369,6 +420,7 @@ fn validate(a: &DecodeArgs, sm_count: usize, max_q_len: i64) -> Result<Plan> {
         d,
         group,
         max_len,
+        mma,
         rows,
         row_chunks,
         splits,
@@ -567,33 +619,26 @@ pub unsafe fn decode(ctx: &Context, a: &DecodeArgs, stream: Stream) -> Result<()
                 params.part_lse = a.workspace + (plan.output_rows() * plan.splits * plan.d * 4) as u64;
             }
             let split = plan.splits > 1;
-            let shared = decode_shared_bytes(plan.d, plan.rows);
-            // Every (D, ROWS) pair of max_rows fits; this guards the table against a future edit.
+            let (name, shared, threads) = if plan.mma {
+                (decode_mma_name(plan.d), decode_mma_shared_bytes(plan.d), (mma_warps(plan.d) * 32) as u32)
+            } else {
+                (decode_name(plan.d, plan.rows), decode_shared_bytes(plan.d, plan.rows), DECODE_THREADS)
+            };
+            // Every variant fits (see the tests below); this guards the tables against a future edit.
             if shared > SHARED_LIMIT {
-                return Err(Error::internal(format!(
-                    "decode kernel D={} rows={} needs {shared} bytes of shared memory",
-                    plan.d, plan.rows
-                )));
+                return Err(Error::internal(format!("{name} needs {shared} bytes of shared memory")));
             }
-            let kernel = device.kernel(&DECODE_SOURCE, &decode_name(plan.d, plan.rows))?;
+            let kernel = device.kernel(&DECODE_SOURCE, &name)?;
             kernel.set_max_dynamic_shared(shared as u32)?;
             let grid = ((plan.batch * plan.hkv * plan.row_chunks) as u32, plan.splits as u32, 1);
             let mut args = crate::kernel_args![params];
-            unsafe { device.launch(&kernel, grid, (DECODE_THREADS, 1, 1), shared as u32, stream.raw(), &mut args)? };
+            unsafe { device.launch(&kernel, grid, (threads, 1, 1), shared as u32, stream.raw(), &mut args)? };
             if split {
                 let combine = device.kernel(&DECODE_SOURCE, &combine_name(plan.d))?;
-                let threads = (plan.d / 8).max(32) as u32;
+                // One block per output row and chunk of 256 dims.
+                let grid = (plan.output_rows() as u32, plan.d.div_ceil(256) as u32, 1);
                 let mut args = crate::kernel_args![params];
-                unsafe {
-                    device.launch(
-                        &combine,
-                        (plan.output_rows() as u32, 1, 1),
-                        (threads, 1, 1),
-                        0,
-                        stream.raw(),
-                        &mut args,
-                    )?
-                };
+                unsafe { device.launch(&combine, grid, (COMBINE_THREADS, 1, 1), 0, stream.raw(), &mut args)? };
             }
             Ok(())
         }
@@ -733,6 +778,9 @@ mod tests {
         }
         for d in PREFILL_HEAD_DIMS {
             assert!(prefill_shared_bytes(d) <= SHARED_LIMIT, "prefill D={d}");
+            if d <= MMA_MAX_D {
+                assert!(decode_mma_shared_bytes(d) <= SHARED_LIMIT, "mma decode D={d}");
+            }
         }
     }
 }

@@ -2,6 +2,8 @@
 // key range (split-KV) so that one sequence fills the GPU, then merged by log-sum-exp; and, at the end of
 // the file, tensor-core prefill of up to 8192 tokens with the same parameters and masking.
 //
+// Two decode kernels: flash_decode_mma_kernel (tensor cores, per-warp KV streams) for group × Tq <= 16
+// and D <= 256, the common shapes; flash_decode_kernel (fp32 CUDA cores) for the rest, described here.
 // One CTA handles one (sequence, KV head, row chunk) = blockIdx.x and one split = blockIdx.y. Its rows are the query heads of the KV head's
 // GQA group times the new tokens (row = token * group + head_in_group), at most ROWS of them, so every
 // K/V tile is read from memory once for all of them. Tiles of KEYS = 8192 / D keys are fetched with
@@ -332,50 +334,363 @@ __global__ void __launch_bounds__(DECODE_THREADS, 1) flash_decode_kernel(const D
     }
 }
 
+// Flash decode on tensor cores, for group × Tq <= 16 rows and D <= 256 (the common decode shapes).
+//
+// One CTA handles one (sequence, KV head) = blockIdx.x and one split = blockIdx.y; its WARPS warps work
+// independently on different keys: warp w takes the 16-key tiles w, w + WARPS, ... of the split, streams
+// them with 16-byte cp.async into its own STAGES-deep ring (only __syncwarp in the loop, no block barrier),
+// and keeps its own online-softmax state and output accumulator in registers. Per tile, as in prefill:
+// S = Q K^T (the rows padded to M = 16, Q from shared memory by ldmatrix) and O += P V run as mma.sync
+// m16n8k16 (bf16 in, fp32 accumulators), P re-packed as bf16 A fragments. At the end the warps' (m, l, O)
+// are merged through shared memory (reusing the rings) and the split's rows written as by flash_decode_kernel.
+template <int D> struct DecodeMma {
+    static constexpr int WARPS = D >= 256 ? 2 : 4;
+    static constexpr int STAGES = D <= 64 ? 3 : 2;
+    static constexpr int THREADS = WARPS * 32;
+    static constexpr int N = 16;        // keys per warp tile
+    static constexpr int PITCH = D + 8;  // rows padded by 16 bytes: conflict-free ldmatrix
+    static constexpr int VECS = D / 8;
+};
+
+// Shared memory of one CTA; ops::attention::decode_mma_shared_bytes computes the same size.
+template <int D> struct DecodeMmaShared {
+    using T = DecodeMma<D>;
+    struct Ring {
+        bf16_t k[T::N][T::PITCH];
+        bf16_t v[T::N][T::PITCH];
+    };
+    struct Merge {
+        float o[T::WARPS][16][D];
+        float m[T::WARPS][16];
+        float l[T::WARPS][16];
+    };
+    bf16_t q[16][T::PITCH];
+    union {
+        Ring ring[T::WARPS][T::STAGES];
+        Merge merge;  // after every warp has finished its tiles
+    } u;
+};
+
+template <int D>
+__global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1) flash_decode_mma_kernel(const DecodeParams p) {
+    using T = DecodeMma<D>;
+    using Shared = DecodeMmaShared<D>;
+    extern __shared__ uint4 shared_raw[];
+    if (dynamic_shared_bytes() < sizeof(Shared)) __trap();
+    Shared& s = *reinterpret_cast<Shared*>(shared_raw);
+    constexpr int VECS = T::VECS;
+    constexpr int DT = D / 8;  // n8 tiles of O
+    constexpr int S = T::STAGES;
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, c = lane & 3;
+    const int split = blockIdx.y;
+    const int hkv = blockIdx.x % p.hkv;
+    const int b = blockIdx.x / p.hkv;
+
+    const int len = min(max(p.seq_lens[b], 0), p.max_len);
+    const int lo = p.window > 0 ? max(0, len - p.tq + 1 - p.window) : 0;
+    const int begin = lo + split * p.chunk_keys;
+    const int end = min(begin + p.chunk_keys, len);
+
+    if (begin >= end) {
+        // As in flash_decode_kernel: an empty split reports lse = -inf; without splits the rows are final.
+        for (int r = tid; r < p.rows_total; r += T::THREADS) {
+            const int hq = hkv * p.group + r % p.group;
+            const i64 row = ((i64)b * p.tq + r / p.group) * p.hq + hq;
+            if (p.part_o != nullptr) {
+                p.part_lse[row * p.num_splits + split] = neg_inf();
+            } else if (p.lse != nullptr) {
+                p.lse[row] = neg_inf();
+            }
+        }
+        if (p.part_o == nullptr) {
+            for (int i = tid; i < p.rows_total * VECS; i += T::THREADS) {
+                const int r = i / VECS, vec = i % VECS;
+                const int hq = hkv * p.group + r % p.group;
+                store_u128(p.out + (i64)b * p.out_stride_batch + (i64)(r / p.group) * p.out_stride_token +
+                               (i64)hq * p.out_stride_head + vec * 8,
+                           make_uint4(0, 0, 0, 0));
+            }
+        }
+        return;
+    }
+
+    // q of the rows (row = token * group + head_in_group), bf16; rows past rows_total are zero and masked.
+    for (int i = tid; i < 16 * VECS; i += T::THREADS) {
+        const int r = i / VECS, vec = i % VECS;
+        const bool valid = r < p.rows_total;
+        const int t = valid ? r / p.group : 0;
+        const int hq = hkv * p.group + (valid ? r % p.group : 0);
+        cp_async_16(&s.q[r][vec * 8],
+                    p.q + (i64)b * p.q_stride_batch + (i64)t * p.q_stride_token + (i64)hq * p.q_stride_head + vec * 8,
+                    valid);
+    }
+    cp_async_commit();
+
+    const int num_tiles = (end - begin + T::N - 1) / T::N;
+    const int my_tiles = num_tiles > warp ? (num_tiles - warp + T::WARPS - 1) / T::WARPS : 0;
+    // The warp's i-th tile into stage `stage` of its ring; keys past the end are zero-filled (their
+    // weight is 0 and 0 * garbage could be NaN).
+    auto load_tile = [&](int i, int stage) {
+        const int start = begin + (warp + i * T::WARPS) * T::N;
+        typename Shared::Ring& ring = s.u.ring[warp][stage];
+#pragma unroll
+        for (int it = 0; it < T::N * VECS / 32; ++it) {
+            const int e = lane + it * 32;
+            const int key = e / VECS, vec = e % VECS;
+            const int j = start + key;
+            const bool valid = j < end;
+            i64 ko = 0, vo = 0;
+            if (valid) {
+                ko = cache_offset(p, b, j, hkv, p.k_stride_seq, p.k_stride_token, p.k_stride_head);
+                vo = cache_offset(p, b, j, hkv, p.v_stride_seq, p.v_stride_token, p.v_stride_head);
+            }
+            cp_async_16(&ring.k[key][vec * 8], p.k + ko + vec * 8, valid);
+            cp_async_16(&ring.v[key][vec * 8], p.v + vo + vec * 8, valid);
+        }
+    };
+    // One commit group per tile slot, empty ones included, so that wait<S - 2> always means "tile i is in".
+#pragma unroll
+    for (int i = 0; i < S - 1; ++i) {
+        if (i < my_tiles) load_tile(i, i);
+        cp_async_commit();
+    }
+    // q (the oldest group) is in for this thread; the barrier makes every thread's q copies visible.
+    cp_async_wait<S - 1>();
+    __syncthreads();
+
+    float o[DT][4];
+#pragma unroll
+    for (int i = 0; i < DT; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[i][e] = 0.0f;
+    float m_row[2] = {neg_inf(), neg_inf()};
+    float l_row[2] = {0.0f, 0.0f};
+    // This thread's two rows (g and g + 8) and their query positions.
+    int pos_row[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) pos_row[h] = len - p.tq + (g + 8 * h) / p.group;
+
+    for (int i = 0; i < my_tiles; ++i) {
+        const int stage = i % S;
+        cp_async_wait<S - 2>();
+        // Makes every lane's copies of tile i visible to the warp, and (every lane having finished tile
+        // i - 1) frees that tile's stage for the fetch below.
+        __syncwarp();
+        if (i + S - 1 < my_tiles) load_tile(i + S - 1, (i + S - 1) % S);
+        cp_async_commit();
+        const typename Shared::Ring& ring = s.u.ring[warp][stage];
+        const int start = begin + (warp + i * T::WARPS) * T::N;
+
+        // S = Q K^T for the 16 rows and the tile's 16 keys.
+        float sc[2][4];
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) sc[n][e] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            unsigned a[4], bk[4];
+            ldmatrix_x4(a, &s.q[lane & 15][kk * 16 + (lane >> 4) * 8]);
+            ldmatrix_x4(bk, &ring.k[(lane & 7) + (lane >> 4) * 8][kk * 16 + ((lane >> 3) & 1) * 8]);
+            mma_bf16_16816(sc[0], a, bk[0], bk[1]);
+            mma_bf16_16816(sc[1], a, bk[2], bk[3]);
+        }
+
+        // Mask, scale, softcap; online softmax per row (a row's 16 values sit in the 4 lanes of a quad).
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int r = g + 8 * h;
+            const int pos = pos_row[h];
+            float mx = neg_inf();
+#pragma unroll
+            for (int n = 0; n < 2; ++n)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int j = start + n * 8 + 2 * c + e;
+                    const bool visible = r < p.rows_total && j < end && (!p.causal || j <= pos) &&
+                                         (p.window <= 0 || j > pos - p.window);
+                    float x = sc[n][2 * h + e];
+                    x = visible ? softcap_logit(x * p.scale, p.softcap) : neg_inf();
+                    sc[n][2 * h + e] = x;
+                    mx = fmaxf(mx, x);
+                }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_new = fmaxf(m_row[h], mx);
+            // While a row has seen no visible key its max is -inf; subtracting 0 keeps exp(-inf) = 0.
+            const float m_use = m_new == neg_inf() ? 0.0f : m_new;
+            const float alpha = expf(m_row[h] - m_use);
+            float sum = 0.0f;
+#pragma unroll
+            for (int n = 0; n < 2; ++n)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const float pe = expf(sc[n][2 * h + e] - m_use);
+                    sc[n][2 * h + e] = pe;
+                    sum += pe;
+                }
+            // Each lane keeps the sum of its own columns; the quad's sums are added at the end.
+            l_row[h] = l_row[h] * alpha + sum;
+            m_row[h] = m_new;
+#pragma unroll
+            for (int d = 0; d < DT; ++d) {
+                o[d][2 * h] *= alpha;
+                o[d][2 * h + 1] *= alpha;
+            }
+        }
+
+        // O += P V, P as bf16 A fragments straight from the S accumulators.
+        unsigned a[4];
+        a[0] = pack_bf16x2(sc[0][0], sc[0][1]);
+        a[1] = pack_bf16x2(sc[0][2], sc[0][3]);
+        a[2] = pack_bf16x2(sc[1][0], sc[1][1]);
+        a[3] = pack_bf16x2(sc[1][2], sc[1][3]);
+#pragma unroll
+        for (int d2 = 0; d2 < DT / 2; ++d2) {
+            unsigned bv[4];
+            ldmatrix_x4_trans(bv, &ring.v[(lane & 7) + ((lane >> 3) & 1) * 8][d2 * 16 + (lane >> 4) * 8]);
+            mma_bf16_16816(o[2 * d2], a, bv[0], bv[1]);
+            mma_bf16_16816(o[2 * d2 + 1], a, bv[2], bv[3]);
+        }
+    }
+    // Only empty groups can be left; then every warp must be done with its ring before it becomes Merge.
+    cp_async_wait<0>();
+    __syncthreads();
+
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float l = l_row[h];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const int r = g + 8 * h;
+        if (c == 0) {
+            s.u.merge.m[warp][r] = m_row[h];
+            s.u.merge.l[warp][r] = l;
+        }
+#pragma unroll
+        for (int d = 0; d < DT; ++d)
+            *reinterpret_cast<float2*>(&s.u.merge.o[warp][r][d * 8 + 2 * c]) = make_float2(o[d][2 * h], o[d][2 * h + 1]);
+    }
+    __syncthreads();
+
+    // out = sum_w O_w exp(m_w - M) / sum_w l_w exp(m_w - M), M = max_w m_w; one thread per (row, 8 dims).
+    for (int i = tid; i < p.rows_total * VECS; i += T::THREADS) {
+        const int r = i / VECS, vec = i % VECS;
+        float mx = neg_inf();
+#pragma unroll
+        for (int w = 0; w < T::WARPS; ++w) mx = fmaxf(mx, s.u.merge.m[w][r]);
+        const float m_use = mx == neg_inf() ? 0.0f : mx;
+        float l = 0.0f, acc[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
+#pragma unroll
+        for (int w = 0; w < T::WARPS; ++w) {
+            const float wt = expf(s.u.merge.m[w][r] - m_use);
+            l = fmaf(s.u.merge.l[w][r], wt, l);
+            const float4 x = *reinterpret_cast<const float4*>(&s.u.merge.o[w][r][vec * 8]);
+            const float4 y = *reinterpret_cast<const float4*>(&s.u.merge.o[w][r][vec * 8 + 4]);
+            acc[0] = fmaf(x.x, wt, acc[0]);
+            acc[1] = fmaf(x.y, wt, acc[1]);
+            acc[2] = fmaf(x.z, wt, acc[2]);
+            acc[3] = fmaf(x.w, wt, acc[3]);
+            acc[4] = fmaf(y.x, wt, acc[4]);
+            acc[5] = fmaf(y.y, wt, acc[5]);
+            acc[6] = fmaf(y.z, wt, acc[6]);
+            acc[7] = fmaf(y.w, wt, acc[7]);
+        }
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        const float row_lse = l > 0.0f ? mx + logf(l) : neg_inf();
+        float out[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) out[e] = acc[e] * inv;
+        const int t = r / p.group;
+        const int hq = hkv * p.group + r % p.group;
+        const i64 row = ((i64)b * p.tq + t) * p.hq + hq;
+        if (p.part_o == nullptr) {
+            store_u128(p.out + (i64)b * p.out_stride_batch + (i64)t * p.out_stride_token + (i64)hq * p.out_stride_head +
+                           vec * 8,
+                       f32_to_bf16x8(out));
+            if (p.lse != nullptr && vec == 0) p.lse[row] = row_lse;
+        } else {
+            float* dst = p.part_o + (row * p.num_splits + split) * D + vec * 8;
+            *reinterpret_cast<float4*>(dst) = make_float4(out[0], out[1], out[2], out[3]);
+            *reinterpret_cast<float4*>(dst + 4) = make_float4(out[4], out[5], out[6], out[7]);
+            if (vec == 0) p.part_lse[row * p.num_splits + split] = row_lse;
+        }
+    }
+}
+
 // Merges the splits of one output row: out = sum_s w_s o_s / sum_s w_s with w_s = exp(lse_s - max lse).
 // Splits with lse = -inf (no visible key) are skipped without reading their output; a row with no split
-// left gets zeros and lse = -inf. One block of max(32, D / 8) threads per row.
-template <int D> __global__ void __launch_bounds__(64) attention_combine_kernel(const DecodeParams p) {
+// left gets zeros and lse = -inf. Block (row = blockIdx.x, chunk of 32 vectors of 8 dims = blockIdx.y):
+// COMBINE_THREADS threads, LANES per vector chunk times SLICES that each take every SLICES-th split (so a
+// row's splits are read in parallel, not one after the other), then summed through shared memory.
+constexpr int COMBINE_THREADS = 256;
+
+template <int D> __global__ void __launch_bounds__(COMBINE_THREADS) attention_combine_kernel(const DecodeParams p) {
+    constexpr int VECS = D / 8;
+    constexpr int LANES = VECS < 32 ? VECS : 32;
+    constexpr int SLICES = COMBINE_THREADS / LANES;
+    __shared__ float warp_max[COMBINE_THREADS / 32];
+    __shared__ float part[SLICES][LANES][9];  // 8 sums and the weight total; pitch 9 spreads the banks
     const i64 row = blockIdx.x;
     const int hq = (int)(row % p.hq);
     const int t = (int)((row / p.hq) % p.tq);
     const int b = (int)(row / ((i64)p.hq * p.tq));
     const float* lse_s = p.part_lse + row * p.num_splits;
+    const int tid = threadIdx.x;
+
     float mx = neg_inf();
-    for (int s = 0; s < p.num_splits; ++s) mx = fmaxf(mx, lse_s[s]);
-    const int vec = threadIdx.x;
+    for (int s = tid; s < p.num_splits; s += COMBINE_THREADS) mx = fmaxf(mx, lse_s[s]);
+    mx = warp_reduce_max(mx);
+    if ((tid & 31) == 0) warp_max[tid >> 5] = mx;
+    __syncthreads();
+    mx = warp_max[0];
+#pragma unroll
+    for (int w = 1; w < COMBINE_THREADS / 32; ++w) mx = fmaxf(mx, warp_max[w]);
+
+    const int lane_v = tid % LANES;
+    const int slice = tid / LANES;
+    const int vec = blockIdx.y * LANES + lane_v;
     float acc[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
     float total = 0.0f;
-    for (int s = 0; s < p.num_splits; ++s) {
+    for (int s = slice; s < p.num_splits; s += SLICES) {
         const float ls = lse_s[s];
         if (ls == neg_inf()) continue;
         const float w = expf(ls - mx);
         total += w;
-        if (vec < D / 8) {
-            const float* src = p.part_o + (row * p.num_splits + s) * D + vec * 8;
-            const float4 a = *reinterpret_cast<const float4*>(src);
-            const float4 c = *reinterpret_cast<const float4*>(src + 4);
-            acc[0] = fmaf(w, a.x, acc[0]);
-            acc[1] = fmaf(w, a.y, acc[1]);
-            acc[2] = fmaf(w, a.z, acc[2]);
-            acc[3] = fmaf(w, a.w, acc[3]);
-            acc[4] = fmaf(w, c.x, acc[4]);
-            acc[5] = fmaf(w, c.y, acc[5]);
-            acc[6] = fmaf(w, c.z, acc[6]);
-            acc[7] = fmaf(w, c.w, acc[7]);
-        }
+        const float* src = p.part_o + (row * p.num_splits + s) * D + vec * 8;
+        const float4 a = *reinterpret_cast<const float4*>(src);
+        const float4 c = *reinterpret_cast<const float4*>(src + 4);
+        acc[0] = fmaf(w, a.x, acc[0]);
+        acc[1] = fmaf(w, a.y, acc[1]);
+        acc[2] = fmaf(w, a.z, acc[2]);
+        acc[3] = fmaf(w, a.w, acc[3]);
+        acc[4] = fmaf(w, c.x, acc[4]);
+        acc[5] = fmaf(w, c.y, acc[5]);
+        acc[6] = fmaf(w, c.z, acc[6]);
+        acc[7] = fmaf(w, c.w, acc[7]);
+    }
+#pragma unroll
+    for (int e = 0; e < 8; ++e) part[slice][lane_v][e] = acc[e];
+    part[slice][lane_v][8] = total;
+    __syncthreads();
+    if (slice != 0) return;
+    for (int q = 1; q < SLICES; ++q) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[e] += part[q][lane_v][e];
+        total += part[q][lane_v][8];
     }
     const float inv = total > 0.0f ? 1.0f / total : 0.0f;
-    if (vec < D / 8) {
-        float o[8];
+    float o[8];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) o[e] = acc[e] * inv;
-        store_u128(p.out + (i64)b * p.out_stride_batch + (i64)t * p.out_stride_token + (i64)hq * p.out_stride_head +
-                       vec * 8,
-                   f32_to_bf16x8(o));
-    }
+    for (int e = 0; e < 8; ++e) o[e] = acc[e] * inv;
+    store_u128(p.out + (i64)b * p.out_stride_batch + (i64)t * p.out_stride_token + (i64)hq * p.out_stride_head + vec * 8,
+               f32_to_bf16x8(o));
     if (p.lse != nullptr && vec == 0) p.lse[row] = total > 0.0f ? mx + logf(total) : neg_inf();
 }
 

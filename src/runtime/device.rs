@@ -37,8 +37,6 @@ pub struct Kernel {
     _module: Arc<CudaModule>,
     func: sys::CUfunction,
     pub lowered_name: String,
-    /// Resident blocks per SM at the block size and shared memory of the first query.
-    occupancy: std::sync::OnceLock<u32>,
 }
 
 // The CUfunction handle is immutable once loaded and valid on any thread of the context.
@@ -46,26 +44,6 @@ unsafe impl Send for Kernel {}
 unsafe impl Sync for Kernel {}
 
 impl Kernel {
-    /// Blocks of `block_threads` threads and `shared_bytes` dynamic shared memory that one SM holds at
-    /// once. Computed on first use and kept: each kernel launches with one fixed block shape.
-    pub fn blocks_per_sm(&self, block_threads: u32, shared_bytes: u32) -> Result<u32> {
-        if let Some(&n) = self.occupancy.get() {
-            return Ok(n);
-        }
-        let mut n = 0i32;
-        unsafe {
-            sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(
-                &mut n,
-                self.func,
-                block_threads as i32,
-                shared_bytes as usize,
-            )
-        }
-        .result()
-        .during("cuOccupancyMaxActiveBlocksPerMultiprocessor")?;
-        Ok(*self.occupancy.get_or_init(|| n.max(1) as u32))
-    }
-
     /// Lets the kernel use more than 48 KiB of dynamic shared memory.
     pub fn set_max_dynamic_shared(&self, bytes: u32) -> Result<()> {
         let rc = unsafe {
@@ -207,7 +185,7 @@ impl Device {
         let m =
             self.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(module.cubin.clone())).during("cuModuleLoadData")?;
         let f = m.load_function(&lowered).during("cuModuleGetFunction")?;
-        Ok(Kernel { func: f.cu_function(), _module: m, lowered_name: lowered, occupancy: std::sync::OnceLock::new() })
+        Ok(Kernel { func: f.cu_function(), _module: m, lowered_name: lowered })
     }
 
     /// Launches `kernel` on the caller's stream. `args` points at each kernel argument in order.

@@ -116,8 +116,8 @@ __global__ void __launch_bounds__(DECODE_THREADS, 1) flash_decode_kernel(const D
     constexpr int RPT = (ROWS + T::RSPLIT - 1) / T::RSPLIT;
 
     if (begin >= end) {
-        // Nothing visible here: an empty split reports lse = -inf (the combine skips it without reading
-        // its output); without splits the rows are final: zeros and lse = -inf.
+        // Nothing visible here: an empty split reports lse = -inf (the combine gives it weight 0 and never
+        // uses its unwritten output); without splits the rows are final: zeros and lse = -inf.
         for (int r = tid; r < ROWS; r += DECODE_THREADS) {
             const int rg = row0 + r;
             if (rg >= p.rows_total) continue;
@@ -646,8 +646,8 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1) flash_decode_mma_ker
 }
 
 // Merges the splits of one output row: out = sum_s w_s o_s / sum_s w_s with w_s = exp(lse_s - max lse).
-// Splits with lse = -inf (no visible key) are skipped without reading their output; a row with no split
-// left gets zeros and lse = -inf. Block (row = blockIdx.x, chunk of 32 vectors of 8 dims = blockIdx.y):
+// Splits with lse = -inf (no visible key) get weight 0 and their (unwritten) output is replaced by 0; a
+// row with no split left gets zeros and lse = -inf. Block (row = blockIdx.x, chunk of 32 vectors of 8 dims = blockIdx.y):
 // COMBINE_THREADS threads, LANES per vector chunk times SLICES that each take every SLICES-th split (so a
 // row's splits are read in parallel, not one after the other), then summed through shared memory.
 constexpr int COMBINE_THREADS = 256;
@@ -681,22 +681,37 @@ template <int D> __global__ void __launch_bounds__(COMBINE_THREADS) attention_co
 #pragma unroll
     for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
     float total = 0.0f;
-    for (int s = slice; s < p.num_splits; s += SLICES) {
-        const float ls = lse_s[s];
-        if (ls == neg_inf()) continue;
-        const float w = expf(ls - mx);
-        total += w;
-        const float* src = p.part_o + (row * p.num_splits + s) * D + vec * 8;
-        const float4 a = *reinterpret_cast<const float4*>(src);
-        const float4 c = *reinterpret_cast<const float4*>(src + 4);
-        acc[0] = fmaf(w, a.x, acc[0]);
-        acc[1] = fmaf(w, a.y, acc[1]);
-        acc[2] = fmaf(w, a.z, acc[2]);
-        acc[3] = fmaf(w, a.w, acc[3]);
-        acc[4] = fmaf(w, c.x, acc[4]);
-        acc[5] = fmaf(w, c.y, acc[5]);
-        acc[6] = fmaf(w, c.z, acc[6]);
-        acc[7] = fmaf(w, c.w, acc[7]);
+    // BATCH splits per step, their loads issued together before any is used (a `continue` on empty splits
+    // made every split a dependent round trip). An empty split's output was never written: it is read
+    // (inside the workspace) but replaced by 0 before use, so garbage cannot turn into NaN; past the last
+    // split the row's split 0 is read instead and weighted 0.
+    constexpr int BATCH = 4;
+    for (int s0 = slice; s0 < p.num_splits; s0 += BATCH * SLICES) {
+        float ls[BATCH];
+        float4 va[BATCH], vb[BATCH];
+#pragma unroll
+        for (int k = 0; k < BATCH; ++k) {
+            const int s = s0 + k * SLICES;
+            const bool in = s < p.num_splits;
+            ls[k] = in ? lse_s[s] : neg_inf();
+            const float* src = p.part_o + (row * p.num_splits + (in ? s : 0)) * D + vec * 8;
+            va[k] = *reinterpret_cast<const float4*>(src);
+            vb[k] = *reinterpret_cast<const float4*>(src + 4);
+        }
+#pragma unroll
+        for (int k = 0; k < BATCH; ++k) {
+            const bool live = ls[k] != neg_inf();
+            const float w = live ? expf(ls[k] - mx) : 0.0f;
+            total += w;
+            acc[0] = fmaf(w, live ? va[k].x : 0.0f, acc[0]);
+            acc[1] = fmaf(w, live ? va[k].y : 0.0f, acc[1]);
+            acc[2] = fmaf(w, live ? va[k].z : 0.0f, acc[2]);
+            acc[3] = fmaf(w, live ? va[k].w : 0.0f, acc[3]);
+            acc[4] = fmaf(w, live ? vb[k].x : 0.0f, acc[4]);
+            acc[5] = fmaf(w, live ? vb[k].y : 0.0f, acc[5]);
+            acc[6] = fmaf(w, live ? vb[k].z : 0.0f, acc[6]);
+            acc[7] = fmaf(w, live ? vb[k].w : 0.0f, acc[7]);
+        }
     }
 #pragma unroll
     for (int e = 0; e < 8; ++e) part[slice][lane_v][e] = acc[e];

@@ -342,10 +342,11 @@ __global__ void __launch_bounds__(DECODE_THREADS, 1) flash_decode_kernel(const D
 // stream's warps in the loop: __syncwarp, or a named barrier when SLICES > 1), and keeps its own
 // online-softmax state and output accumulator in registers. With SLICES > 1 (D = 512, whose full
 // accumulator would not fit in registers) every warp of a stream computes the same scores of the tile (the
-// same instructions on the same data, so bitwise the same m and l) and P V for its D / SLICES output dims. Per tile, as in prefill:
-// S = Q K^T (the rows padded to M = 16, Q from shared memory by ldmatrix) and O += P V run as mma.sync
-// m16n8k16 (bf16 in, fp32 accumulators), P re-packed as bf16 A fragments. At the end the warps' (m, l, O)
-// are merged through shared memory (reusing the rings) and the split's rows written as by flash_decode_kernel.
+// same instructions on the same data, so bitwise the same m and l) and P V for its D / SLICES output dims.
+// Per tile, as in prefill: S = Q K^T (the rows padded to M = 16, Q from shared memory by ldmatrix) and
+// O += P V run as mma.sync m16n8k16 (bf16 in, fp32 accumulators), P re-packed as bf16 A fragments. At
+// the end the streams' (m, l, O) are merged through shared memory (reusing the rings) and the split's
+// rows written as by flash_decode_kernel.
 template <int D> struct DecodeMma {
     static constexpr int WARPS = D >= 256 ? 2 : 4;
     static constexpr int SLICES = D >= 512 ? 2 : 1;  // warps per stream, each owning D / SLICES output dims

@@ -8,9 +8,9 @@
 //! The GQA group (1, 2, 4, 8, 16) and Tq are kernel arguments: one CTA serves every query head of its KV
 //! head and every new token, so each K/V tile is read once for all of them. Only when group × Tq exceeds
 //! the cap (Tq > 1 with large groups) are the rows spread over several CTAs that each read the tile.
-//! Shapes with group × Tq ≤ 16 and D ≤ 256 run a tensor-core kernel instead (`flash_decode_mma_kernel`:
-//! rows padded to one m16 tile, each warp streaming its own keys); the split partials of either kernel
-//! are merged by `attention_combine_kernel`.
+//! Shapes with group × Tq ≤ 16 run a tensor-core kernel instead (`flash_decode_mma_kernel`: rows padded
+//! to one m16 tile, each warp, or at D = 512 each pair of warps splitting the output dims, streaming its
+//! own keys); the split partials of either kernel are merged by `attention_combine_kernel`.
 
 use super::{check_dim, check_ptr, overlaps, Backend, Context, Stream};
 use crate::error::{Error, Result};
@@ -48,11 +48,18 @@ const COMBINE_THREADS: u32 = 256;
 /// The tensor-core decode kernel (`flash_decode_mma_kernel`) takes group × Tq up to this many rows (one
 /// m16 tile) for head dims up to `MMA_MAX_D`; other shapes run `flash_decode_kernel`.
 const MMA_ROWS: usize = 16;
-const MMA_MAX_D: usize = 256;
+const MMA_MAX_D: usize = 512;
 /// Keys per warp tile of the tensor-core kernel (DecodeMma::N).
 const MMA_TILE_KEYS: usize = 16;
-/// CTAs per SM the tensor-core kernel's split count aims for (H100 holds 3 of its ≤ 75 KiB blocks).
-const MMA_CTAS_PER_SM: usize = 3;
+/// CTAs per SM the tensor-core kernel's split count aims for: H100 holds 3 of its ≤ 75 KiB blocks, 2 of
+/// the 81 KiB ones of D = 512.
+fn mma_ctas_per_sm(d: usize) -> usize {
+    if decode_mma_shared_bytes(d) > 75 * 1024 {
+        2
+    } else {
+        3
+    }
+}
 /// Shared memory a block may use on sm_120 / sm_121; every decode variant stays below it.
 const SHARED_LIMIT: usize = 99 * 1024;
 
@@ -82,13 +89,27 @@ pub fn decode_shared_bytes(d: usize, rows: usize) -> usize {
     2 * keys * k_pitch * 2 + 2 * keys * d * 2 + rows * d * 4 + rows * keys * 4 + 3 * rows * 4
 }
 
-/// Warps and ring stages per warp of `flash_decode_mma_kernel<D>` (DecodeMma::WARPS, DecodeMma::STAGES).
+/// Warps, warps per KV stream (each owning D / slices output dims) and ring stages per stream of
+/// `flash_decode_mma_kernel<D>` (DecodeMma::WARPS, DecodeMma::SLICES, DecodeMma::STAGES).
 fn mma_warps(d: usize) -> usize {
     if d >= 256 {
         2
     } else {
         4
     }
+}
+
+fn mma_slices(d: usize) -> usize {
+    if d >= 512 {
+        2
+    } else {
+        1
+    }
+}
+
+/// KV streams of one CTA of `flash_decode_mma_kernel<D>` (DecodeMma::STREAMS).
+fn mma_streams(d: usize) -> usize {
+    mma_warps(d) / mma_slices(d)
 }
 
 fn mma_stages(d: usize) -> usize {
@@ -99,13 +120,13 @@ fn mma_stages(d: usize) -> usize {
     }
 }
 
-/// `sizeof(DecodeMmaShared<D>)`: q [16][D + 8] bf16, then the union of the warps' K/V rings and the merge
-/// area (fp32 O, m and l of every warp).
+/// `sizeof(DecodeMmaShared<D>)`: q [16][D + 8] bf16, then the union of the streams' K/V rings and the
+/// merge area (fp32 O, m and l of every stream).
 pub fn decode_mma_shared_bytes(d: usize) -> usize {
     let pitch = d + 8;
-    let (warps, stages) = (mma_warps(d), mma_stages(d));
-    let ring = warps * stages * 2 * MMA_TILE_KEYS * pitch * 2;
-    let merge = warps * MMA_ROWS * d * 4 + 2 * warps * MMA_ROWS * 4;
+    let (streams, stages) = (mma_streams(d), mma_stages(d));
+    let ring = streams * stages * 2 * MMA_TILE_KEYS * pitch * 2;
+    let merge = streams * MMA_ROWS * d * 4 + 2 * streams * MMA_ROWS * 4;
     MMA_ROWS * pitch * 2 + ring.max(merge)
 }
 
@@ -399,9 +420,10 @@ fn validate(a: &DecodeArgs, sm_count: usize, max_q_len: i64) -> Result<Plan> {
     let rows = if mma { MMA_ROWS } else { rows_total.next_power_of_two().min(max_rows(d)) };
     let row_chunks = rows_total.div_ceil(rows);
     // Split the key range a sequence can have (its window when set) so that the grid covers the GPU about
-    // twice (flash_decode_kernel) or fills MMA_CTAS_PER_SM blocks per SM (the tensor-core kernel, whose
-    // splits hold at least two tiles per warp); every split gets whole tiles.
-    let (keys, ctas_per_sm) = if mma { (2 * mma_warps(d) * MMA_TILE_KEYS, MMA_CTAS_PER_SM) } else { (tile_keys(d), 2) };
+    // twice (flash_decode_kernel) or fills mma_ctas_per_sm blocks per SM (the tensor-core kernel, whose
+    // splits hold at least two tiles per stream); every split gets whole tiles.
+    let (keys, ctas_per_sm) =
+        if mma { (2 * mma_streams(d) * MMA_TILE_KEYS, mma_ctas_per_sm(d)) } else { (tile_keys(d), 2) };
     let span = match a.window {
         Some(w) => max_len.min(w as usize + q_len - 1),
         None => max_len,
@@ -778,8 +800,11 @@ mod tests {
         }
         for d in PREFILL_HEAD_DIMS {
             assert!(prefill_shared_bytes(d) <= SHARED_LIMIT, "prefill D={d}");
+        }
+        for d in HEAD_DIMS {
             if d <= MMA_MAX_D {
                 assert!(decode_mma_shared_bytes(d) <= SHARED_LIMIT, "mma decode D={d}");
+                assert_eq!(mma_warps(d) % mma_slices(d), 0, "mma decode D={d}");
             }
         }
     }

@@ -3,7 +3,7 @@
 // the file, tensor-core prefill of up to 8192 tokens with the same parameters and masking.
 //
 // Two decode kernels: flash_decode_mma_kernel (tensor cores, per-warp KV streams) for group × Tq <= 16
-// and D <= 256, the common shapes; flash_decode_kernel (fp32 CUDA cores) for the rest, described here.
+// and every D, the common shapes; flash_decode_kernel (fp32 CUDA cores) for the rest, described here.
 // One CTA handles one (sequence, KV head, row chunk) = blockIdx.x and one split = blockIdx.y. Its rows are the query heads of the KV head's
 // GQA group times the new tokens (row = token * group + head_in_group), at most ROWS of them, so every
 // K/V tile is read from memory once for all of them. Tiles of KEYS = 8192 / D keys are fetched with
@@ -116,8 +116,8 @@ __global__ void __launch_bounds__(DECODE_THREADS, 1) flash_decode_kernel(const D
     constexpr int RPT = (ROWS + T::RSPLIT - 1) / T::RSPLIT;
 
     if (begin >= end) {
-        // Nothing visible here: an empty split reports lse = -inf (the combine skips it without reading
-        // its output); without splits the rows are final: zeros and lse = -inf.
+        // Nothing visible here: an empty split reports lse = -inf (the combine gives it weight 0 and never
+        // uses its unwritten output); without splits the rows are final: zeros and lse = -inf.
         for (int r = tid; r < ROWS; r += DECODE_THREADS) {
             const int rg = row0 + r;
             if (rg >= p.rows_total) continue;
@@ -334,17 +334,24 @@ __global__ void __launch_bounds__(DECODE_THREADS, 1) flash_decode_kernel(const D
     }
 }
 
-// Flash decode on tensor cores, for group × Tq <= 16 rows and D <= 256 (the common decode shapes).
+// Flash decode on tensor cores, for group × Tq <= 16 rows (the common decode shapes).
 //
-// One CTA handles one (sequence, KV head) = blockIdx.x and one split = blockIdx.y; its WARPS warps work
-// independently on different keys: warp w takes the 16-key tiles w, w + WARPS, ... of the split, streams
-// them with 16-byte cp.async into its own STAGES-deep ring (only __syncwarp in the loop, no block barrier),
-// and keeps its own online-softmax state and output accumulator in registers. Per tile, as in prefill:
-// S = Q K^T (the rows padded to M = 16, Q from shared memory by ldmatrix) and O += P V run as mma.sync
-// m16n8k16 (bf16 in, fp32 accumulators), P re-packed as bf16 A fragments. At the end the warps' (m, l, O)
-// are merged through shared memory (reusing the rings) and the split's rows written as by flash_decode_kernel.
+// One CTA handles one (sequence, KV head) = blockIdx.x and one split = blockIdx.y; its STREAMS streams of
+// SLICES warps each work independently on different keys: stream s takes the 16-key tiles s, s + STREAMS,
+// ... of the split, streams them with 16-byte cp.async into its own STAGES-deep ring (only a barrier of the
+// stream's warps in the loop: __syncwarp, or a named barrier when SLICES > 1), and keeps its own
+// online-softmax state and output accumulator in registers. With SLICES > 1 (D = 512, whose full
+// accumulator would not fit in registers) every warp of a stream computes the same scores of the tile (the
+// same instructions on the same data, so bitwise the same m and l) and P V for its D / SLICES output dims.
+// Per tile, as in prefill: S = Q K^T (the rows padded to M = 16, Q from shared memory by ldmatrix) and
+// O += P V run as mma.sync m16n8k16 (bf16 in, fp32 accumulators), P re-packed as bf16 A fragments. At
+// the end the streams' (m, l, O) are merged through shared memory (reusing the rings) and the split's
+// rows written as by flash_decode_kernel.
 template <int D> struct DecodeMma {
     static constexpr int WARPS = D >= 256 ? 2 : 4;
+    static constexpr int SLICES = D >= 512 ? 2 : 1;  // warps per stream, each owning D / SLICES output dims
+    static constexpr int STREAMS = WARPS / SLICES;
+    static constexpr int DO = D / SLICES;
     static constexpr int STAGES = D <= 64 ? 3 : 2;
     static constexpr int THREADS = WARPS * 32;
     static constexpr int N = 16;        // keys per warp tile
@@ -360,13 +367,13 @@ template <int D> struct DecodeMmaShared {
         bf16_t v[T::N][T::PITCH];
     };
     struct Merge {
-        float o[T::WARPS][16][D];
-        float m[T::WARPS][16];
-        float l[T::WARPS][16];
+        float o[T::STREAMS][16][D];
+        float m[T::STREAMS][16];
+        float l[T::STREAMS][16];
     };
     bf16_t q[16][T::PITCH];
     union {
-        Ring ring[T::WARPS][T::STAGES];
+        Ring ring[T::STREAMS][T::STAGES];
         Merge merge;  // after every warp has finished its tiles
     } u;
 };
@@ -379,10 +386,21 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1) flash_decode_mma_ker
     if (dynamic_shared_bytes() < sizeof(Shared)) __trap();
     Shared& s = *reinterpret_cast<Shared*>(shared_raw);
     constexpr int VECS = T::VECS;
-    constexpr int DT = D / 8;  // n8 tiles of O
+    constexpr int DT = T::DO / 8;  // n8 tiles of this warp's O slice
     constexpr int S = T::STAGES;
+    constexpr int SL = T::SLICES;
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int stream = warp / SL, slice = warp % SL;
+    const int stream_lane = slice * 32 + lane;  // this thread among the stream's SL * 32
+    // The stream's warps only: frees a stage / publishes a tile (named barrier 1 + stream; 0 is __syncthreads).
+    auto stream_sync = [&]() {
+        if constexpr (SL == 1) {
+            __syncwarp();
+        } else {
+            asm volatile("bar.sync %0, %1;" ::"r"(stream + 1), "r"(SL * 32) : "memory");
+        }
+    };
     const int g = lane >> 2, c = lane & 3;
     const int split = blockIdx.y;
     const int hkv = blockIdx.x % p.hkv;
@@ -429,15 +447,17 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1) flash_decode_mma_ker
     cp_async_commit();
 
     const int num_tiles = (end - begin + T::N - 1) / T::N;
-    const int my_tiles = num_tiles > warp ? (num_tiles - warp + T::WARPS - 1) / T::WARPS : 0;
-    // The warp's i-th tile into stage `stage` of its ring; keys past the end are zero-filled (their
-    // weight is 0 and 0 * garbage could be NaN).
+    const int my_tiles = num_tiles > stream ? (num_tiles - stream + T::STREAMS - 1) / T::STREAMS : 0;
+    // The stream's i-th tile into stage `stage` of its ring, copied by all of the stream's threads; keys
+    // past the end are zero-filled (their weight is 0 and 0 * garbage could be NaN).
     auto load_tile = [&](int i, int stage) {
-        const int start = begin + (warp + i * T::WARPS) * T::N;
-        typename Shared::Ring& ring = s.u.ring[warp][stage];
-#pragma unroll
-        for (int it = 0; it < T::N * VECS / 32; ++it) {
-            const int e = lane + it * 32;
+        const int start = begin + (stream + i * T::STREAMS) * T::N;
+        typename Shared::Ring& ring = s.u.ring[stream][stage];
+        // Partly unrolled at D = 512: its accumulators leave no registers for 16 iterations' addresses.
+        constexpr int LOADS = T::N * VECS / (32 * SL);
+#pragma unroll(SL > 1 ? 4 : LOADS)
+        for (int it = 0; it < LOADS; ++it) {
+            const int e = stream_lane + it * 32 * SL;
             const int key = e / VECS, vec = e % VECS;
             const int j = start + key;
             const bool valid = j < end;
@@ -475,13 +495,13 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1) flash_decode_mma_ker
     for (int i = 0; i < my_tiles; ++i) {
         const int stage = i % S;
         cp_async_wait<S - 2>();
-        // Makes every lane's copies of tile i visible to the warp, and (every lane having finished tile
-        // i - 1) frees that tile's stage for the fetch below.
-        __syncwarp();
+        // Makes every stream thread's copies of tile i visible to the stream, and (every thread having
+        // finished tile i - 1) frees that tile's stage for the fetch below.
+        stream_sync();
         if (i + S - 1 < my_tiles) load_tile(i + S - 1, (i + S - 1) % S);
         cp_async_commit();
-        const typename Shared::Ring& ring = s.u.ring[warp][stage];
-        const int start = begin + (warp + i * T::WARPS) * T::N;
+        const typename Shared::Ring& ring = s.u.ring[stream][stage];
+        const int start = begin + (stream + i * T::STREAMS) * T::N;
 
         // S = Q K^T for the 16 rows and the tile's 16 keys.
         float sc[2][4];
@@ -541,7 +561,8 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1) flash_decode_mma_ker
             }
         }
 
-        // O += P V, P as bf16 A fragments straight from the S accumulators.
+        // O += P V for this warp's output dims [slice * DO, (slice + 1) * DO), P as bf16 A fragments
+        // straight from the S accumulators.
         unsigned a[4];
         a[0] = pack_bf16x2(sc[0][0], sc[0][1]);
         a[1] = pack_bf16x2(sc[0][2], sc[0][3]);
@@ -550,7 +571,8 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1) flash_decode_mma_ker
 #pragma unroll
         for (int d2 = 0; d2 < DT / 2; ++d2) {
             unsigned bv[4];
-            ldmatrix_x4_trans(bv, &ring.v[(lane & 7) + ((lane >> 3) & 1) * 8][d2 * 16 + (lane >> 4) * 8]);
+            ldmatrix_x4_trans(bv,
+                              &ring.v[(lane & 7) + ((lane >> 3) & 1) * 8][slice * T::DO + d2 * 16 + (lane >> 4) * 8]);
             mma_bf16_16816(o[2 * d2], a, bv[0], bv[1]);
             mma_bf16_16816(o[2 * d2 + 1], a, bv[2], bv[3]);
         }
@@ -565,28 +587,30 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1) flash_decode_mma_ker
         l += __shfl_xor_sync(0xffffffffu, l, 1);
         l += __shfl_xor_sync(0xffffffffu, l, 2);
         const int r = g + 8 * h;
-        if (c == 0) {
-            s.u.merge.m[warp][r] = m_row[h];
-            s.u.merge.l[warp][r] = l;
+        if (c == 0 && slice == 0) {
+            s.u.merge.m[stream][r] = m_row[h];
+            s.u.merge.l[stream][r] = l;
         }
 #pragma unroll
         for (int d = 0; d < DT; ++d)
-            *reinterpret_cast<float2*>(&s.u.merge.o[warp][r][d * 8 + 2 * c]) = make_float2(o[d][2 * h], o[d][2 * h + 1]);
+            *reinterpret_cast<float2*>(&s.u.merge.o[stream][r][slice * T::DO + d * 8 + 2 * c]) =
+                make_float2(o[d][2 * h], o[d][2 * h + 1]);
     }
     __syncthreads();
 
-    // out = sum_w O_w exp(m_w - M) / sum_w l_w exp(m_w - M), M = max_w m_w; one thread per (row, 8 dims).
+    // out = sum_w O_w exp(m_w - M) / sum_w l_w exp(m_w - M) over the streams w, M = max_w m_w; one thread
+    // per (row, 8 dims).
     for (int i = tid; i < p.rows_total * VECS; i += T::THREADS) {
         const int r = i / VECS, vec = i % VECS;
         float mx = neg_inf();
 #pragma unroll
-        for (int w = 0; w < T::WARPS; ++w) mx = fmaxf(mx, s.u.merge.m[w][r]);
+        for (int w = 0; w < T::STREAMS; ++w) mx = fmaxf(mx, s.u.merge.m[w][r]);
         const float m_use = mx == neg_inf() ? 0.0f : mx;
         float l = 0.0f, acc[8];
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
 #pragma unroll
-        for (int w = 0; w < T::WARPS; ++w) {
+        for (int w = 0; w < T::STREAMS; ++w) {
             const float wt = expf(s.u.merge.m[w][r] - m_use);
             l = fmaf(s.u.merge.l[w][r], wt, l);
             const float4 x = *reinterpret_cast<const float4*>(&s.u.merge.o[w][r][vec * 8]);
@@ -623,8 +647,8 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1) flash_decode_mma_ker
 }
 
 // Merges the splits of one output row: out = sum_s w_s o_s / sum_s w_s with w_s = exp(lse_s - max lse).
-// Splits with lse = -inf (no visible key) are skipped without reading their output; a row with no split
-// left gets zeros and lse = -inf. Block (row = blockIdx.x, chunk of 32 vectors of 8 dims = blockIdx.y):
+// Splits with lse = -inf (no visible key) get weight 0 and their (unwritten) output is replaced by 0; a
+// row with no split left gets zeros and lse = -inf. Block (row = blockIdx.x, chunk of 32 vectors of 8 dims = blockIdx.y):
 // COMBINE_THREADS threads, LANES per vector chunk times SLICES that each take every SLICES-th split (so a
 // row's splits are read in parallel, not one after the other), then summed through shared memory.
 constexpr int COMBINE_THREADS = 256;
@@ -658,22 +682,37 @@ template <int D> __global__ void __launch_bounds__(COMBINE_THREADS) attention_co
 #pragma unroll
     for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
     float total = 0.0f;
-    for (int s = slice; s < p.num_splits; s += SLICES) {
-        const float ls = lse_s[s];
-        if (ls == neg_inf()) continue;
-        const float w = expf(ls - mx);
-        total += w;
-        const float* src = p.part_o + (row * p.num_splits + s) * D + vec * 8;
-        const float4 a = *reinterpret_cast<const float4*>(src);
-        const float4 c = *reinterpret_cast<const float4*>(src + 4);
-        acc[0] = fmaf(w, a.x, acc[0]);
-        acc[1] = fmaf(w, a.y, acc[1]);
-        acc[2] = fmaf(w, a.z, acc[2]);
-        acc[3] = fmaf(w, a.w, acc[3]);
-        acc[4] = fmaf(w, c.x, acc[4]);
-        acc[5] = fmaf(w, c.y, acc[5]);
-        acc[6] = fmaf(w, c.z, acc[6]);
-        acc[7] = fmaf(w, c.w, acc[7]);
+    // BATCH splits per step, their loads issued together before any is used (a `continue` on empty splits
+    // made every split a dependent round trip). An empty split's output was never written: it is read
+    // (inside the workspace) but replaced by 0 before use, so garbage cannot turn into NaN; past the last
+    // split the row's split 0 is read instead and weighted 0.
+    constexpr int BATCH = 4;
+    for (int s0 = slice; s0 < p.num_splits; s0 += BATCH * SLICES) {
+        float ls[BATCH];
+        float4 va[BATCH], vb[BATCH];
+#pragma unroll
+        for (int k = 0; k < BATCH; ++k) {
+            const int s = s0 + k * SLICES;
+            const bool in = s < p.num_splits;
+            ls[k] = in ? lse_s[s] : neg_inf();
+            const float* src = p.part_o + (row * p.num_splits + (in ? s : 0)) * D + vec * 8;
+            va[k] = *reinterpret_cast<const float4*>(src);
+            vb[k] = *reinterpret_cast<const float4*>(src + 4);
+        }
+#pragma unroll
+        for (int k = 0; k < BATCH; ++k) {
+            const bool live = ls[k] != neg_inf();
+            const float w = live ? expf(ls[k] - mx) : 0.0f;
+            total += w;
+            acc[0] = fmaf(w, live ? va[k].x : 0.0f, acc[0]);
+            acc[1] = fmaf(w, live ? va[k].y : 0.0f, acc[1]);
+            acc[2] = fmaf(w, live ? va[k].z : 0.0f, acc[2]);
+            acc[3] = fmaf(w, live ? va[k].w : 0.0f, acc[3]);
+            acc[4] = fmaf(w, live ? vb[k].x : 0.0f, acc[4]);
+            acc[5] = fmaf(w, live ? vb[k].y : 0.0f, acc[5]);
+            acc[6] = fmaf(w, live ? vb[k].z : 0.0f, acc[6]);
+            acc[7] = fmaf(w, live ? vb[k].w : 0.0f, acc[7]);
+        }
     }
 #pragma unroll
     for (int e = 0; e < 8; ++e) part[slice][lane_v][e] = acc[e];

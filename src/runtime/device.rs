@@ -63,7 +63,9 @@ pub struct Device {
     pub info: DeviceInfo,
     arch: String,
     cache_dir: Option<PathBuf>,
-    kernels: Mutex<HashMap<(&'static str, String), Arc<Kernel>>>,
+    /// Loaded kernels by source name, then by name expression (looked up by `&str`, so a launch with a
+    /// cached kernel allocates nothing here).
+    kernels: Mutex<HashMap<&'static str, HashMap<String, Arc<Kernel>>>>,
 }
 
 /// Number of CUDA devices, or the reason there are none to use.
@@ -134,14 +136,14 @@ impl Device {
 
     /// The kernel `name_expr` of `source`, compiled on first use (or read from the disk cache).
     pub fn kernel(&self, source: &'static KernelSource, name_expr: &str) -> Result<Arc<Kernel>> {
-        let key = (source.name, name_expr.to_string());
-        if let Some(k) = self.kernels.lock().map_err(|_| Error::internal("kernel table poisoned"))?.get(&key) {
+        let lock = || self.kernels.lock().map_err(|_| Error::internal("kernel table poisoned"));
+        if let Some(k) = lock()?.get(source.name).and_then(|by_expr| by_expr.get(name_expr)) {
             return Ok(k.clone());
         }
         // Compile outside the lock; a concurrent first use compiles twice and keeps one.
         let kernel = Arc::new(self.load_kernel(source, name_expr)?);
-        let mut table = self.kernels.lock().map_err(|_| Error::internal("kernel table poisoned"))?;
-        Ok(table.entry(key).or_insert(kernel).clone())
+        let mut table = lock()?;
+        Ok(table.entry(source.name).or_default().entry(name_expr.to_string()).or_insert(kernel).clone())
     }
 
     fn load_kernel(&self, source: &'static KernelSource, name_expr: &str) -> Result<Kernel> {
@@ -253,7 +255,11 @@ impl Device {
         };
         sys::cuLaunchKernelEx(&config, kernel.func, args.as_mut_ptr(), std::ptr::null_mut())
             .result()
-            .during(&format!("cuLaunchKernel({})", kernel.lowered_name))
+            // The message is built only on failure: launches are the hot path.
+            .map_err(|e| {
+                let e = Error::from(e);
+                Error::new(e.status, format!("cuLaunchKernel({}) failed: {}", kernel.lowered_name, e.message))
+            })
     }
 
     /// Checks that `[ptr, ptr + bytes)` is memory this device can access: device, managed or

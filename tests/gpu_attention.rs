@@ -2,6 +2,11 @@
 //! issue's boundary lengths mixed within a batch, windows, Tq > 1 with causal masking, softcap, every
 //! cache layout, paged = contiguous bit for bit, length 0, and a CUDA graph replayed at new lengths.
 //! Run on the GPU machine with `--include-ignored`; each failure names its case and seed.
+//!
+//! With SPARKINFER_TEST_SMALL set (compute-sanitizer runs, where kernels are 10–100× slower) most cases
+//! use short lengths, and only a few shapes keep the boundary lengths up to 4097 that split the key range
+//! into multi-tile chunks; every head_dim × group, both decode kernels, split and unsplit plans, windows,
+//! softcap, layouts, length 0, the graph and prefill are still launched.
 
 use sparkinfer::checks::attention::{
     check_decode, compare_lse, decode_args, expected, page_order, place_cache, random_inputs, run_decode, DecodeCase,
@@ -13,15 +18,31 @@ use sparkinfer::testing::{Comparison, Rng, TestBuffer, BF16_TOL};
 
 /// The boundary lengths, all in one batch.
 const LENS: [i32; 6] = [1, 7, 1023, 1024, 1025, 4097];
+/// The default lengths in small mode: 300 keys still split the key range of every decode kernel (no split
+/// unit exceeds 128 keys) while costing little under the sanitizer.
+const SMALL_LENS: [i32; 3] = [1, 7, 300];
+
+/// Whether SPARKINFER_TEST_SMALL asks for the reduced case lists (see the module documentation).
+fn small() -> bool {
+    std::env::var_os("SPARKINFER_TEST_SMALL").is_some()
+}
+
+/// The same case at other lengths, its capacity their maximum.
+fn at_lens(mut c: DecodeCase, lens: &[i32]) -> DecodeCase {
+    c.lens = lens.to_vec();
+    c.max_seq_len = lens.iter().copied().max().unwrap_or(0).max(1) as usize;
+    c
+}
 
 fn base(q_len: usize, hq: usize, hkv: usize, d: usize) -> DecodeCase {
+    let lens: &[i32] = if small() { &SMALL_LENS } else { &LENS };
     DecodeCase {
         q_len,
         num_q_heads: hq,
         num_kv_heads: hkv,
         head_dim: d,
-        lens: LENS.to_vec(),
-        max_seq_len: 4097,
+        lens: lens.to_vec(),
+        max_seq_len: lens.iter().copied().max().unwrap_or(0) as usize,
         window: None,
         causal: true,
         scale: 1.0 / (d as f32).sqrt(),
@@ -94,6 +115,16 @@ fn every_head_dim_and_group_at_boundary_lengths() {
             cases.push(base(1, 2 * group, 2, d));
         }
     }
+    if small() {
+        // The boundary lengths on the two model shapes (long enough for several tiles per split), and lengths
+        // within one split unit (32 keys at D = 512, at least 64 below) so that the plan does not split.
+        for d in [256, 512] {
+            cases.push(at_lens(base(1, 16, 2, d), &LENS));
+        }
+        for d in [64, 128, 256, 512] {
+            cases.push(at_lens(base(1, 4, 2, d), &[1, 7, 30]));
+        }
+    }
     run_cases(&gpu, &cases);
 }
 
@@ -104,10 +135,18 @@ fn several_new_tokens_with_causal_masking() {
     let mut cases = Vec::new();
     for d in [64, 128, 256, 512] {
         for (q_len, group) in [(2, 8), (3, 1), (5, 4), (8, 16), (8, 2)] {
-            let mut c = base(q_len, 2 * group, 2, d);
             // Lengths shorter than q_len leave the first rows with nothing visible.
-            c.lens = vec![1, 3, 8, 1024, 1030, 4097];
-            cases.push(c);
+            let lens: &[i32] = if small() { &[1, 3, 8, 300] } else { &[1, 3, 8, 1024, 1030, 4097] };
+            cases.push(at_lens(base(q_len, 2 * group, 2, d), lens));
+        }
+    }
+    if small() {
+        // Long lengths for each decode kernel (group × Tq above and within 16 rows), and the CUDA-core kernel
+        // with all keys in one tile (128 keys at D = 64, 16 at D = 512): no split.
+        cases.push(at_lens(base(8, 32, 2, 256), &[1, 3, 8, 1024, 1030, 4097]));
+        cases.push(at_lens(base(2, 16, 2, 512), &[1, 3, 8, 1024, 1030, 4097]));
+        for d in [64, 512] {
+            cases.push(at_lens(base(8, 32, 2, d), &[1, 3, 8, 16]));
         }
     }
     // Without causal masking every new token sees all of them.
@@ -122,9 +161,19 @@ fn several_new_tokens_with_causal_masking() {
 fn sliding_windows_smaller_and_larger_than_the_length() {
     let gpu = Gpu::new();
     let mut cases = Vec::new();
-    for window in [1, 7, 1000, 1024, 5000] {
+    // Small mode: windows shorter than, around and beyond its 300-key lengths, and the boundary windows at
+    // the boundary lengths on the Gemma 4 sliding-window shape.
+    let windows: &[usize] = if small() { &[1, 7, 100, 5000] } else { &[1, 7, 1000, 1024, 5000] };
+    for &window in windows {
         for (q_len, hq, hkv, d) in [(1, 16, 8, 256), (3, 16, 8, 256), (1, 16, 2, 512), (2, 32, 8, 128), (1, 8, 8, 64)] {
             let mut c = base(q_len, hq, hkv, d);
+            c.window = Some(window);
+            cases.push(c);
+        }
+    }
+    if small() {
+        for (q_len, window) in [(1, 1024), (3, 1000)] {
+            let mut c = at_lens(base(q_len, 16, 8, 256), &LENS);
             c.window = Some(window);
             cases.push(c);
         }
@@ -167,25 +216,26 @@ fn model_shapes_at_long_context_and_large_batches() {
     for (hq, hkv, d, window, scale) in
         [(16, 2, 256, None, 0.0625), (16, 8, 256, Some(1024), 1.0), (16, 2, 512, None, 1.0), (32, 8, 128, None, 0.088)]
     {
-        let mut c = base(1, hq, hkv, d);
-        c.lens = vec![32768];
-        c.max_seq_len = 32768;
+        // Small mode keeps one long sequence per shape, the batch without lse and the wide batch, shorter.
+        let mut c = at_lens(base(1, hq, hkv, d), if small() { &[2049] } else { &[32768] });
         c.window = window;
         c.scale = scale;
         cases.push(c.clone());
         // A batch of 16 spread over 1K-16K without lse (kept to 16K so that the host-side random data and
         // reference stay within seconds), for the two full-attention layers of the models.
         if window.is_none() && d >= 256 {
-            c.lens = (0..16).map(|i| 1024 + i * 1000 + i % 3).collect();
-            c.max_seq_len = 16384;
+            if small() {
+                c = at_lens(c, &(0..16).map(|i| 1 + i * 40 + i % 3).collect::<Vec<_>>());
+            } else {
+                c.lens = (0..16).map(|i| 1024 + i * 1000 + i % 3).collect();
+                c.max_seq_len = 16384;
+            }
             c.lse = false;
             cases.push(c);
         }
     }
-    let mut wide = base(1, 16, 2, 256);
-    wide.lens = vec![4096; 64];
-    wide.max_seq_len = 4096;
-    cases.push(wide);
+    let wide_len = if small() { 300 } else { 4096 };
+    cases.push(at_lens(base(1, 16, 2, 256), &[wide_len; 64]));
     run_cases(&gpu, &cases);
 }
 
@@ -194,8 +244,7 @@ fn model_shapes_at_long_context_and_large_batches() {
 fn length_zero_gives_zeros_and_minus_infinity() {
     let gpu = Gpu::new();
     for d in [64, 256, 512] {
-        let mut c = base(2, 16, 2, d);
-        c.lens = vec![0, 5, 0, 4097];
+        let c = at_lens(base(2, 16, 2, d), &[0, 5, 0, if small() { 1025 } else { 4097 }]);
         let seed = Rng::fresh_seed();
         let mut rng = Rng::new(seed);
         let (q, k, v) = random_inputs(&c, &mut rng);
@@ -233,7 +282,8 @@ fn paged_and_contiguous_caches_give_identical_outputs() {
             Layout::Paged { page_size: 16 },
             Layout::Paged { page_size: 128 },
         ] {
-            let mut c = base(q_len, hq, hkv, d);
+            // Small mode: a length past 1024 so that the split chunks cross many pages.
+            let mut c = if small() { at_lens(base(q_len, hq, hkv, d), &[1, 7, 1025]) } else { base(q_len, hq, hkv, d) };
             c.layout = layout;
             let mut rng = Rng::new(seed);
             let (q, k, v) = random_inputs(&c, &mut rng);
@@ -258,6 +308,13 @@ fn paged_and_contiguous_caches_give_identical_outputs() {
 fn graph_replays_follow_the_lengths_in_device_memory() {
     let gpu = Gpu::new();
     let device = gpu.device();
+    // The cache's capacity, and the lengths of the capture and of each replay (small mode: a smaller cache
+    // that still holds lengths past the 1024-key window and splits the range).
+    let (cap, captured_lens, replays) = if small() {
+        (1100, [100, 1000, 1100], [[100, 1000, 1100], [1, 0, 7], [1025, 1100, 1024], [1100, 33, 1023]])
+    } else {
+        (8192, [100, 2000, 8192], [[100, 2000, 8192], [1, 0, 7], [4097, 8192, 1025], [8192, 33, 1024]])
+    };
     for (q_len, hq, hkv, d, window, layout) in [
         (1, 16, 2, 256, None, Layout::TokenMajor { pad: 0 }),
         (2, 16, 8, 256, Some(1024), Layout::Paged { page_size: 64 }),
@@ -268,9 +325,9 @@ fn graph_replays_follow_the_lengths_in_device_memory() {
         let mut c = base(q_len, hq, hkv, d);
         c.window = window;
         c.layout = layout;
-        c.max_seq_len = 8192;
+        c.max_seq_len = cap as usize;
         // The cache is filled to capacity so that every length's keys are real data.
-        c.lens = vec![8192; 3];
+        c.lens = vec![cap; 3];
         let (q, k, v) = random_inputs(&c, &mut rng);
         let order = page_order(&c, &mut rng);
         // Placed without the window so that no position any replay may read holds the NaN poison.
@@ -282,7 +339,7 @@ fn graph_replays_follow_the_lengths_in_device_memory() {
         let q_buf = TestBuffer::from_slice(ctx, &q).unwrap();
         let k_buf = TestBuffer::from_slice(ctx, &kc.data).unwrap();
         let v_buf = TestBuffer::from_slice(ctx, &vc.data).unwrap();
-        let lens_buf = TestBuffer::from_slice(ctx, &[100i32, 2000, 8192]).unwrap();
+        let lens_buf = TestBuffer::from_slice(ctx, &captured_lens).unwrap();
         let table: Vec<i32> = order.iter().map(|&p| p as i32).collect();
         let table_buf = TestBuffer::from_slice(ctx, if table.is_empty() { &[0i32][..] } else { &table }).unwrap();
         let out_buf = TestBuffer::new(ctx, rows * d * 2).unwrap();
@@ -300,7 +357,7 @@ fn graph_replays_follow_the_lengths_in_device_memory() {
         let g = unsafe { graph::end_capture(device, gpu.stream) };
         captured.unwrap();
         let g = g.unwrap();
-        for lens in [vec![100, 2000, 8192], vec![1, 0, 7], vec![4097, 8192, 1025], vec![8192, 33, 1024]] {
+        for lens in replays {
             lens_buf.upload(&lens).unwrap();
             out_buf.poison().unwrap();
             lse_buf.poison().unwrap();
@@ -310,7 +367,7 @@ fn graph_replays_follow_the_lengths_in_device_memory() {
             let out = sparkinfer::reference::to_f32(&out);
             let lse: Vec<f32> = lse_buf.download(rows).unwrap();
             let mut at = c.clone();
-            at.lens = lens.clone();
+            at.lens = lens.to_vec();
             let (want, want_lse) = expected(ctx, &at, &q, &k, &v);
             let cmp = Comparison::new(&out, &want);
             let lcmp = compare_lse(&lse, &want_lse);
@@ -330,17 +387,24 @@ fn graph_replays_follow_the_lengths_in_device_memory() {
 fn prefill_matches_the_reference() {
     let gpu = Gpu::new();
     let mut cases = Vec::new();
+    // Small mode: one chunk, one of two query tiles (65 rows) and one in between, after a shorter prefix
+    // (still several key tiles); no 2048-token chunk.
+    let (chunks, prefix): (&[(usize, usize, usize)], i32) = if small() {
+        (&[(1, 4, 4), (17, 8, 1), (65, 4, 2)], 100)
+    } else {
+        (&[(1, 4, 4), (17, 8, 1), (64, 16, 2), (65, 4, 2), (300, 4, 1)], 700)
+    };
     for d in [64, 128, 256] {
-        for (q_len, hq, hkv) in [(1, 4, 4), (17, 8, 1), (64, 16, 2), (65, 4, 2), (300, 4, 1)] {
+        for &(q_len, hq, hkv) in chunks {
             for (window, layout) in [
                 (None, Layout::TokenMajor { pad: 0 }),
                 (Some(50), Layout::Paged { page_size: 32 }),
                 (None, Layout::HeadMajor),
             ] {
                 let mut c = base(q_len, hq, hkv, d);
-                // A chunk starting the sequence, and one after a cached prefix of 700 tokens.
-                c.lens = vec![q_len as i32, q_len as i32 + 700];
-                c.max_seq_len = q_len + 700;
+                // A chunk starting the sequence, and one after a cached prefix.
+                c.lens = vec![q_len as i32, q_len as i32 + prefix];
+                c.max_seq_len = q_len + prefix as usize;
                 c.window = window;
                 c.layout = layout;
                 c.prefill = true;
@@ -348,17 +412,16 @@ fn prefill_matches_the_reference() {
             }
         }
     }
-    let mut capped = base(100, 16, 8, 256);
-    capped.lens = vec![100, 612];
-    capped.max_seq_len = 612;
+    let (capped_len, capped_prefix) = if small() { (40, 100) } else { (100, 512) };
+    let mut capped = at_lens(base(capped_len, 16, 8, 256), &[capped_len as i32, (capped_len + capped_prefix) as i32]);
     capped.softcap = Some(30.0);
     capped.scale = 1.0;
     capped.prefill = true;
     cases.push(capped);
-    let mut long = base(2048, 2, 1, 128);
-    long.lens = vec![2048];
-    long.max_seq_len = 2048;
-    long.prefill = true;
-    cases.push(long);
+    if !small() {
+        let mut long = at_lens(base(2048, 2, 1, 128), &[2048]);
+        long.prefill = true;
+        cases.push(long);
+    }
     run_cases(&gpu, &cases);
 }

@@ -3,6 +3,14 @@
 //! experts, experts without tokens, concentrated routing), NaN inputs, the top-k router alone, the dense
 //! FFN alone, and the block captured in a CUDA graph (global capture mode) replayed with new inputs.
 //! Every failure names the case, the seed and the numbers.
+//!
+//! With SPARKINFER_TEST_SMALL set (compute-sanitizer runs, where kernels are 10–100× slower) each test keeps
+//! one token count per kernel variant and path: router token tiles 1, 2, 4, 8, 16 with and without the
+//! input transform, the fused and the separate expert index (T ≤ 16, T ≥ 17), the decode gate/up tiles
+//! and the grouped tensor-core gate/up (T ≥ 33, also with several tiles per expert), both down-kernel grids.
+//! The model shapes keep their hidden and intermediate sizes, so every loop trip count and tile tail is as
+//! at full size, but hold fewer experts: generating and uploading hundreds of MiB of expert weights per case
+//! would dominate the run, while the f64 oracle's cost per token does not depend on the expert count.
 
 use sparkinfer::checks::moe::{
     check_block, check_dense, check_topk, compare_block, read_routing, BlockCase, BlockWeights, DeviceWeights,
@@ -14,6 +22,24 @@ use sparkinfer::reference::moe::Scoring;
 use sparkinfer::runtime::graph;
 use sparkinfer::testing::{Rng, TestBuffer, BF16_TOL, F32_TOL};
 use sparkinfer::Context;
+
+/// Whether SPARKINFER_TEST_SMALL asks for the reduced case lists (see the module documentation).
+fn small() -> bool {
+    std::env::var_os("SPARKINFER_TEST_SMALL").is_some()
+}
+
+/// Experts of the small mode's shapes: more than 32, not a multiple of 32, so that the top-k kernel's
+/// per-lane loop and the grouped kernel's warp scan over experts both take a partial second round.
+const SMALL_EXPERTS: usize = 48;
+
+/// Qwen3.5 and Gemma 4, with `SMALL_EXPERTS` experts in small mode.
+fn shapes() -> [MoeShape; 2] {
+    if small() {
+        [QWEN35.with_experts(SMALL_EXPERTS), GEMMA4.with_experts(SMALL_EXPERTS)]
+    } else {
+        [QWEN35, GEMMA4]
+    }
+}
 
 fn gpu() -> Context {
     Context::new(0).expect("CUDA device 0")
@@ -50,11 +76,13 @@ fn block_matches_reference_at_model_shapes() {
     let ctx = gpu();
     let s = OwnedStream::new(&ctx);
     let seed = Rng::fresh_seed();
-    for shape in [QWEN35, GEMMA4] {
+    // Small mode: 512 and 4096 tokens take the same paths as 33 (grouped gate/up, several down-kernel rows).
+    let token_counts: &[usize] = if small() { &[1, 2, 7, 16, 17, 33] } else { &[1, 2, 7, 16, 17, 64, 512, 4096] };
+    for shape in shapes() {
         let mut rng = Rng::new(seed);
         let w = BlockWeights::random(&shape, RoutingPattern::Random, &mut rng);
         let dw = DeviceWeights::upload(&ctx, &w).unwrap();
-        for tokens in [1, 2, 7, 16, 17, 64, 512, 4096] {
+        for &tokens in token_counts {
             let case = block_case(shape, tokens);
             let o = sparkinfer::checks::moe::run_block_case(&ctx, s.1, &case, &w, &dw, &mut rng).unwrap();
             assert_passes(&format!("{} T={tokens}", shape.label), seed, &o, BF16_TOL);
@@ -68,17 +96,30 @@ fn block_routing_patterns_accumulate_strides_and_nan() {
     let ctx = gpu();
     let s = OwnedStream::new(&ctx);
     let seed = Rng::fresh_seed();
-    for shape in [QWEN35, GEMMA4] {
-        for (tokens, routing, accumulate, pad, nan_token) in [
-            // Every logit tied: all tokens on experts 0..k−1, every other expert empty.
+    // Every logit tied: all tokens on experts 0..k−1, every other expert empty. A NaN in token 0's input:
+    // its row is NaN, its routing still valid, nothing else disturbed.
+    let cases: &[(usize, RoutingPattern, bool, usize, bool)] = if small() {
+        // The two tied grouped cases merged into one with two tiles per expert (65 rows); the oracle compares
+        // every other token of it.
+        &[
+            (1, RoutingPattern::Tied, false, 0, false),
+            (65, RoutingPattern::Tied, true, 8, false),
+            (3, RoutingPattern::Random, true, 24, false),
+            (5, RoutingPattern::Random, false, 8, true),
+            (33, RoutingPattern::Random, true, 0, true),
+        ]
+    } else {
+        &[
             (1, RoutingPattern::Tied, false, 0, false),
             (33, RoutingPattern::Tied, true, 8, false),
             (300, RoutingPattern::Tied, false, 0, false),
             (3, RoutingPattern::Random, true, 24, false),
-            // A NaN in token 0's input: its row is NaN, its routing still valid, nothing else disturbed.
             (5, RoutingPattern::Random, false, 8, true),
             (40, RoutingPattern::Random, true, 0, true),
-        ] {
+        ]
+    };
+    for shape in shapes() {
+        for &(tokens, routing, accumulate, pad, nan_token) in cases {
             let case = BlockCase { shape, tokens, routing, accumulate, pad, nan_token };
             let o = check_block(&ctx, s.1, &case, seed).unwrap();
             assert_passes(&format!("{case:?}"), seed, &o, BF16_TOL);
@@ -92,7 +133,9 @@ fn topk_router_is_exact() {
     let ctx = gpu();
     let s = OwnedStream::new(&ctx);
     let seed = Rng::fresh_seed();
-    for tokens in [1, 2, 16, 17, 64, 4096] {
+    // Small mode: one token (the decode block), 16 (one block, fused index), 17 and 64 (separate index).
+    let token_counts: &[usize] = if small() { &[1, 16, 17, 64] } else { &[1, 2, 16, 17, 64, 4096] };
+    for &tokens in token_counts {
         for (experts, top_k) in [(256, 8), (128, 8), (512, 16), (16, 16), (8, 1)] {
             for pattern in
                 [LogitPattern::Random, LogitPattern::Tied, LogitPattern::Concentrated, LogitPattern::NonFinite]
@@ -115,8 +158,10 @@ fn dense_ffn_matches_reference() {
     let ctx = gpu();
     let s = OwnedStream::new(&ctx);
     let seed = Rng::fresh_seed();
-    for shape in [QWEN35, GEMMA4] {
-        for tokens in [1, 5, 16, 100] {
+    // Small mode: 65 tokens instead of 100, still two grouped row tiles.
+    let token_counts: &[usize] = if small() { &[1, 5, 16, 65] } else { &[1, 5, 16, 100] };
+    for shape in shapes() {
+        for &tokens in token_counts {
             let o = check_dense(&ctx, s.1, &shape, tokens, seed).unwrap();
             assert_passes(&format!("dense {} T={tokens}", shape.label), seed, &o, BF16_TOL);
         }
@@ -133,7 +178,15 @@ fn block_in_a_cuda_graph_follows_new_inputs() {
     let device = ctx.device("graph").unwrap();
     let s = OwnedStream::new(&ctx);
     let seed = Rng::fresh_seed();
-    for (shape, tokens) in [(QWEN35, 1), (GEMMA4, 1), (QWEN35, 8), (GEMMA4, 64)] {
+    let [qwen, gemma] = shapes();
+    // Small mode: the grouped path on the cheaper oracle's shape at 33 tokens, two replays (enough to see the
+    // routing change).
+    let (runs, replays) = if small() {
+        ([(qwen, 1), (gemma, 1), (gemma, 8), (qwen, 33)], 2)
+    } else {
+        ([(qwen, 1), (gemma, 1), (qwen, 8), (gemma, 64)], 4)
+    };
+    for (shape, tokens) in runs {
         let mut rng = Rng::new(seed);
         let case = block_case(shape, tokens);
         let w = BlockWeights::random(&shape, RoutingPattern::Random, &mut rng);
@@ -160,7 +213,7 @@ fn block_in_a_cuda_graph_follows_new_inputs() {
         let g = g.unwrap();
         let mut previous_ids: Option<Vec<i32>> = None;
         let mut routings_differ = false;
-        for replay in 0..4 {
+        for replay in 0..replays {
             let x = rng.bf16_normal(tokens * h, 1.0);
             x_buf.upload(&x).unwrap();
             out_buf.poison().unwrap();

@@ -27,8 +27,10 @@ commands:
   check [--device N|--cpu] [--seed S]
                             run every op against the reference on random inputs at the model shapes
                             (on the GPU when there is one, else on the CPU backend)
-  bench [--device N|--cpu] [--json FILE] [--quick]
-                            time every op at the model shapes (GPU: CUDA events, median of many runs)";
+  bench [--device N|--cpu] [--json FILE] [--quick] [--only foundation,attention,moe]
+                            time every op at the model shapes (GPU: CUDA events, median of many runs);
+                            with SPARKINFER_PROFILE set, one extra lone launch per row runs between
+                            cuProfilerStart/Stop (for `ncu --profile-from-start off`)";
 
 /// Command-line options shared by the subcommands.
 pub struct Options {
@@ -38,6 +40,8 @@ pub struct Options {
     pub json: Option<String>,
     pub archs: Vec<String>,
     pub quick: bool,
+    /// Benchmark families to run (empty: all).
+    pub only: Vec<String>,
 }
 
 fn parse(args: &[String]) -> Result<Options, String> {
@@ -48,6 +52,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         json: None,
         archs: ["sm_90", "sm_100", "sm_110", "sm_120", "sm_121"].iter().map(|s| s.to_string()).collect(),
         quick: false,
+        only: Vec::new(),
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -61,6 +66,9 @@ fn parse(args: &[String]) -> Result<Options, String> {
                 o.archs = value("--arch")?.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
             }
             "--quick" => o.quick = true,
+            "--only" => {
+                o.only = value("--only")?.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
+            }
             other => return Err(format!("unknown option {other}")),
         }
     }

@@ -112,8 +112,12 @@ pub fn run(o: &Options) -> R<()> {
             eprintln!("copy bandwidth: {copy:.0} GB/s");
             let iters = if o.quick { 50 } else { 200 };
             let mut b = Bench { ctx: &ctx, device, stream, iters, rng: Rng::new(o.seed.unwrap_or(7)) };
-            let rows = bench::all_rows(&mut b).map_err(s)?;
-            let extra = bench::extra_figures(&mut b).map_err(s)?;
+            let rows = bench::family_rows(&mut b, &o.only).map_err(s)?;
+            let extra = if o.only.is_empty() || o.only.iter().any(|f| f == "foundation") {
+                bench::extra_figures(&mut b).map_err(s)?
+            } else {
+                Vec::new()
+            };
             let name = format!("{} ({}, {} SMs)", device.info.name, device.info.arch(), device.info.sm_count);
             (name, rows, copy, extra)
         }

@@ -30,3 +30,42 @@ SPK_DEVICE unsigned dynamic_shared_bytes() {
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
     return r;
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// Bulk copies (cp.async.bulk, sm_90 and later: the TMA engine without tensor maps or clusters, sm_120
+// included) completing on an mbarrier by byte count: one instruction moves a whole row of up to 1 MiB - 16,
+// where cp.async needs one per 16 bytes. Sizes and both addresses must be multiples of 16 bytes.
+// Protocol of one stage: one thread calls mbar_arrive_expect_tx(bar, total bytes) (the barrier was
+// initialised with count 1), any threads issue bulk_copy_g2s(..., bar) for those bytes, and the readers
+// call mbar_wait(bar, parity) with parity = (use of this barrier, counting from 0) & 1.
+// ---------------------------------------------------------------------------------------------------------
+SPK_DEVICE void mbar_init(unsigned long long* bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(shared_address(bar)), "r"(count) : "memory");
+}
+
+// Makes initialised barriers (and generic writes to shared memory) visible to the async proxy, where bulk
+// copies complete; also needed before a bulk copy overwrites shared memory that generic code read or wrote.
+SPK_DEVICE void fence_proxy_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+SPK_DEVICE void mbar_arrive_expect_tx(unsigned long long* bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(bar)), "r"(bytes)
+                 : "memory");
+}
+
+SPK_DEVICE void bulk_copy_g2s(void* dst_shared, const void* src_global, unsigned bytes, unsigned long long* bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                     shared_address(dst_shared)),
+                 "l"(src_global), "r"(bytes), "r"(shared_address(bar))
+                 : "memory");
+}
+
+SPK_DEVICE void mbar_wait(unsigned long long* bar, unsigned parity) {
+    const unsigned a = shared_address(bar);
+    unsigned done = 0;
+    while (!done) {
+        asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                     : "=r"(done)
+                     : "r"(a), "r"(parity)
+                     : "memory");
+    }
+}

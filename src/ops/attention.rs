@@ -45,6 +45,8 @@ pub const MAX_SPLITS: usize = 256;
 const DECODE_THREADS: u32 = 128;
 /// Threads per CTA of the split combine (COMBINE_THREADS).
 const COMBINE_THREADS: u32 = 256;
+/// 8-dim vectors per block of the split combine (COMBINE_LANES); head dims are multiples of 32.
+const COMBINE_LANES: usize = 4;
 /// The tensor-core decode kernel (`flash_decode_mma_kernel`) takes group × Tq up to this many rows (one
 /// m16 tile) for head dims up to `MMA_MAX_D`; other shapes run `flash_decode_kernel`.
 const MMA_ROWS: usize = 16;
@@ -127,7 +129,9 @@ pub fn decode_mma_shared_bytes(d: usize) -> usize {
     let (streams, stages) = (mma_streams(d), mma_stages(d));
     let ring = streams * stages * 2 * MMA_TILE_KEYS * pitch * 2;
     let merge = streams * MMA_ROWS * d * 4 + 2 * streams * MMA_ROWS * 4;
-    MMA_ROWS * pitch * 2 + ring.max(merge)
+    // One 8-byte mbarrier per ring stage, then q, then the rings (or the merge area).
+    let bytes = streams * stages * 8 + MMA_ROWS * pitch * 2 + ring.max(merge);
+    bytes.div_ceil(8) * 8
 }
 
 fn decode_mma_name(d: usize) -> String {
@@ -421,9 +425,10 @@ fn validate(a: &DecodeArgs, sm_count: usize, max_q_len: i64) -> Result<Plan> {
     let row_chunks = rows_total.div_ceil(rows);
     // Split the key range a sequence can have (its window when set) so that the grid covers the GPU about
     // twice (flash_decode_kernel) or fills mma_ctas_per_sm blocks per SM (the tensor-core kernel, whose
-    // splits hold at least two tiles per stream); every split gets whole tiles.
+    // splits hold at least one tile per stream, so that a short context is fetched in one round trip);
+    // every split gets whole tiles.
     let (keys, ctas_per_sm) =
-        if mma { (2 * mma_streams(d) * MMA_TILE_KEYS, mma_ctas_per_sm(d)) } else { (tile_keys(d), 2) };
+        if mma { (mma_streams(d) * MMA_TILE_KEYS, mma_ctas_per_sm(d)) } else { (tile_keys(d), 2) };
     let span = match a.window {
         Some(w) => max_len.min(w as usize + q_len - 1),
         None => max_len,
@@ -654,13 +659,18 @@ pub unsafe fn decode(ctx: &Context, a: &DecodeArgs, stream: Stream) -> Result<()
             kernel.set_max_dynamic_shared(shared as u32)?;
             let grid = ((plan.batch * plan.hkv * plan.row_chunks) as u32, plan.splits as u32, 1);
             let mut args = crate::kernel_args![params];
-            unsafe { device.launch(&kernel, grid, (threads, 1, 1), shared as u32, stream.raw(), &mut args)? };
+            // Programmatic dependent launch: the kernels wait (griddepcontrol.wait) before reading anything,
+            // so only their launch overlaps the kernel before them.
+            unsafe { device.launch_dependent(&kernel, grid, (threads, 1, 1), shared as u32, stream.raw(), &mut args)? };
             if split {
                 let combine = device.kernel(&DECODE_SOURCE, &combine_name(plan.d))?;
-                // One block per output row and chunk of 256 dims.
-                let grid = (plan.output_rows() as u32, plan.d.div_ceil(256) as u32, 1);
+                // One block per output row and chunk of COMBINE_LANES * 8 dims; programmatic dependent
+                // launch (the kernel waits for the decode grid before reading).
+                let grid = (plan.output_rows() as u32, (plan.d / (COMBINE_LANES * 8)) as u32, 1);
                 let mut args = crate::kernel_args![params];
-                unsafe { device.launch(&combine, grid, (COMBINE_THREADS, 1, 1), 0, stream.raw(), &mut args)? };
+                unsafe {
+                    device.launch_dependent(&combine, grid, (COMBINE_THREADS, 1, 1), 0, stream.raw(), &mut args)?
+                };
             }
             Ok(())
         }

@@ -86,6 +86,18 @@ SPK_DEVICE i64 cache_offset(const DecodeParams& p, int b, int j, int head, i64 s
     return (i64)page * s_seq + (i64)(j & ((1 << p.page_shift) - 1)) * s_tok + (i64)head * s_head;
 }
 
+// Zero partial outputs of rows [row0, row0 + rows) of one (sequence, KV head) for split `split`, by all
+// threads of the block.
+SPK_DEVICE void zero_partials(const DecodeParams& p, int b, int hkv, int row0, int rows, int split, int d) {
+    const int vecs = d / 4;
+    for (int i = threadIdx.x; i < rows * vecs; i += blockDim.x) {
+        const int rg = row0 + i / vecs;
+        const i64 row = ((i64)b * p.tq + rg / p.group) * p.hq + hkv * p.group + rg % p.group;
+        *reinterpret_cast<float4*>(p.part_o + (row * p.num_splits + split) * d + (i % vecs) * 4) =
+            make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+}
+
 // The minimum of one block per SM lets ptxas keep every variant in registers; without it, it spilled a word
 // in some (the shared-memory tile allows one or two blocks per SM anyway).
 template <int D, int ROWS>
@@ -105,6 +117,8 @@ __global__ void __launch_bounds__(DECODE_THREADS, 1) flash_decode_kernel(const D
     const int b = unit / p.hkv;
     const int row0 = row_chunk * ROWS;
 
+    // Launched with programmatic dependent launch: nothing is read before this wait.
+    pdl_wait();
     const int len = min(max(p.seq_lens[b], 0), p.max_len);
     const int lo = p.window > 0 ? max(0, len - p.tq + 1 - p.window) : 0;
     const int begin = lo + split * p.chunk_keys;
@@ -116,8 +130,10 @@ __global__ void __launch_bounds__(DECODE_THREADS, 1) flash_decode_kernel(const D
     constexpr int RPT = (ROWS + T::RSPLIT - 1) / T::RSPLIT;
 
     if (begin >= end) {
-        // Nothing visible here: an empty split reports lse = -inf (the combine gives it weight 0 and never
-        // uses its unwritten output); without splits the rows are final: zeros and lse = -inf.
+        // Nothing visible here: an empty split reports lse = -inf and a zero partial output (the combine
+        // reads every split and gives this one weight 0); without splits the rows are final: zeros and
+        // lse = -inf.
+        if (p.part_o != nullptr) zero_partials(p, b, hkv, row0, min(ROWS, p.rows_total - row0), split, D);
         for (int r = tid; r < ROWS; r += DECODE_THREADS) {
             const int rg = row0 + r;
             if (rg >= p.rows_total) continue;
@@ -270,6 +286,8 @@ __global__ void __launch_bounds__(DECODE_THREADS, 1) flash_decode_kernel(const D
                 sum += e;
             }
             sum = warp_reduce_sum(sum);
+            // Every lane has read s.m[r] before lane 0 overwrites it.
+            __syncwarp();
             if (lane == 0) {
                 const float alpha = expf(m_old - m_use);
                 s.alpha[r] = alpha;
@@ -338,11 +356,16 @@ __global__ void __launch_bounds__(DECODE_THREADS, 1) flash_decode_kernel(const D
 //
 // One CTA handles one (sequence, KV head) = blockIdx.x and one split = blockIdx.y; its STREAMS streams of
 // SLICES warps each work independently on different keys: stream s takes the 16-key tiles s, s + STREAMS,
-// ... of the split, streams them with 16-byte cp.async into its own STAGES-deep ring (only a barrier of the
-// stream's warps in the loop: __syncwarp, or a named barrier when SLICES > 1), and keeps its own
-// online-softmax state and output accumulator in registers. With SLICES > 1 (D = 512, whose full
-// accumulator would not fit in registers) every warp of a stream computes the same scores of the tile (the
-// same instructions on the same data, so bitwise the same m and l) and P V for its D / SLICES output dims.
+// ... of the split into its own STAGES-deep ring, and keeps its own online-softmax state and output
+// accumulator in registers. With SLICES > 1 (D = 512, whose full accumulator would not fit in registers)
+// every warp of a stream computes the same scores of the tile (the same instructions on the same data, so
+// bitwise the same m and l) and P V for its D / SLICES output dims.
+//
+// The kernel is bound by instruction issue unless the per-tile work is small (a few warps per SM stream
+// the whole cache), so a tile costs few instructions: its 16 K rows and 16 V rows arrive by 32 bulk copies
+// (cp.async.bulk, one per row, issued by one lane each, completing on the stage's mbarrier); whole tiles
+// inside every row's visible range skip the per-element mask; the accumulator is rescaled only when a
+// row's running max moved; exponentials are ex2.approx on log2-scaled scores.
 // Per tile, as in prefill: S = Q K^T (the rows padded to M = 16, Q from shared memory by ldmatrix) and
 // O += P V run as mma.sync m16n8k16 (bf16 in, fp32 accumulators), P re-packed as bf16 A fragments. At
 // the end the streams' (m, l, O) are merged through shared memory (reusing the rings) and the split's
@@ -371,12 +394,23 @@ template <int D> struct DecodeMmaShared {
         float m[T::STREAMS][16];
         float l[T::STREAMS][16];
     };
+    unsigned long long bar[T::STREAMS][T::STAGES];  // one mbarrier per ring stage
     bf16_t q[16][T::PITCH];
     union {
         Ring ring[T::STREAMS][T::STAGES];
         Merge merge;  // after every warp has finished its tiles
     } u;
 };
+
+// 2^x, ex2.approx (relative error about 2^-22; ex2(-inf) = 0).
+SPK_DEVICE float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+constexpr float LOG2E = 1.4426950408889634f;
+constexpr float LN2 = 0.6931471805599453f;
 
 template <int D>
 __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1) flash_decode_mma_kernel(const DecodeParams p) {
@@ -406,13 +440,35 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1) flash_decode_mma_ker
     const int hkv = blockIdx.x % p.hkv;
     const int b = blockIdx.x / p.hkv;
 
+    if (tid < T::STREAMS * S) {
+        mbar_init(&s.bar[tid / S][tid % S], 1);
+        fence_proxy_async_shared();
+    }
+    // Launched with programmatic dependent launch: nothing is read before this wait.
+    pdl_wait();
+    // q of the rows (row = token * group + head_in_group), bf16; rows past rows_total are zero. Fetched
+    // while the sequence length is read.
+    for (int i = tid; i < 16 * VECS; i += T::THREADS) {
+        const int r = i / VECS, vec = i % VECS;
+        const bool valid = r < p.rows_total;
+        const int t = valid ? r / p.group : 0;
+        const int hq = hkv * p.group + (valid ? r % p.group : 0);
+        cp_async_16(&s.q[r][vec * 8],
+                    p.q + (i64)b * p.q_stride_batch + (i64)t * p.q_stride_token + (i64)hq * p.q_stride_head + vec * 8,
+                    valid);
+    }
+    cp_async_commit();
+
     const int len = min(max(p.seq_lens[b], 0), p.max_len);
     const int lo = p.window > 0 ? max(0, len - p.tq + 1 - p.window) : 0;
     const int begin = lo + split * p.chunk_keys;
     const int end = min(begin + p.chunk_keys, len);
 
     if (begin >= end) {
-        // As in flash_decode_kernel: an empty split reports lse = -inf; without splits the rows are final.
+        cp_async_wait<0>();
+        // As in flash_decode_kernel: an empty split reports lse = -inf and zeros; without splits the rows
+        // are final.
+        if (p.part_o != nullptr) zero_partials(p, b, hkv, 0, p.rows_total, split, D);
         for (int r = tid; r < p.rows_total; r += T::THREADS) {
             const int hq = hkv * p.group + r % p.group;
             const i64 row = ((i64)b * p.tq + r / p.group) * p.hq + hq;
@@ -433,75 +489,71 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1) flash_decode_mma_ker
         }
         return;
     }
-
-    // q of the rows (row = token * group + head_in_group), bf16; rows past rows_total are zero and masked.
-    for (int i = tid; i < 16 * VECS; i += T::THREADS) {
-        const int r = i / VECS, vec = i % VECS;
-        const bool valid = r < p.rows_total;
-        const int t = valid ? r / p.group : 0;
-        const int hq = hkv * p.group + (valid ? r % p.group : 0);
-        cp_async_16(&s.q[r][vec * 8],
-                    p.q + (i64)b * p.q_stride_batch + (i64)t * p.q_stride_token + (i64)hq * p.q_stride_head + vec * 8,
-                    valid);
-    }
-    cp_async_commit();
+    __syncthreads();  // barriers initialised
 
     const int num_tiles = (end - begin + T::N - 1) / T::N;
     const int my_tiles = num_tiles > stream ? (num_tiles - stream + T::STREAMS - 1) / T::STREAMS : 0;
-    // The stream's i-th tile into stage `stage` of its ring, copied by all of the stream's threads; keys
-    // past the end are zero-filled (their weight is 0 and 0 * garbage could be NaN).
-    auto load_tile = [&](int i, int stage) {
+    // The stream's i-th tile into stage `stage` of its ring: lane l < 16 of the stream's first warp copies K
+    // row l, lane 16 + l V row l; keys past the end are not copied (their V rows are zeroed after the wait).
+    auto issue_tile = [&](int i, int stage) {
+        if (slice != 0) return;
         const int start = begin + (stream + i * T::STREAMS) * T::N;
+        const int n_valid = min(T::N, end - start);
         typename Shared::Ring& ring = s.u.ring[stream][stage];
-        // Partly unrolled at D = 512: its accumulators leave no registers for 16 iterations' addresses.
-        constexpr int LOADS = T::N * VECS / (32 * SL);
-#pragma unroll(SL > 1 ? 4 : LOADS)
-        for (int it = 0; it < LOADS; ++it) {
-            const int e = stream_lane + it * 32 * SL;
-            const int key = e / VECS, vec = e % VECS;
+        unsigned long long* bar = &s.bar[stream][stage];
+        // Orders this stage's earlier generic reads (ldmatrix) and writes before the async-proxy copies.
+        fence_proxy_async_shared();
+        if (lane == 0) mbar_arrive_expect_tx(bar, (unsigned)n_valid * D * 2 * 2);
+        const int key = lane & 15;
+        if (key < n_valid) {
             const int j = start + key;
-            const bool valid = j < end;
-            i64 ko = 0, vo = 0;
-            if (valid) {
-                ko = cache_offset(p, b, j, hkv, p.k_stride_seq, p.k_stride_token, p.k_stride_head);
-                vo = cache_offset(p, b, j, hkv, p.v_stride_seq, p.v_stride_token, p.v_stride_head);
+            if (lane < 16) {
+                const i64 ko = cache_offset(p, b, j, hkv, p.k_stride_seq, p.k_stride_token, p.k_stride_head);
+                bulk_copy_g2s(&ring.k[key][0], p.k + ko, D * 2, bar);
+            } else {
+                const i64 vo = cache_offset(p, b, j, hkv, p.v_stride_seq, p.v_stride_token, p.v_stride_head);
+                bulk_copy_g2s(&ring.v[key][0], p.v + vo, D * 2, bar);
             }
-            cp_async_16(&ring.k[key][vec * 8], p.k + ko + vec * 8, valid);
-            cp_async_16(&ring.v[key][vec * 8], p.v + vo + vec * 8, valid);
         }
     };
-    // One commit group per tile slot, empty ones included, so that wait<S - 2> always means "tile i is in".
 #pragma unroll
     for (int i = 0; i < S - 1; ++i) {
-        if (i < my_tiles) load_tile(i, i);
-        cp_async_commit();
+        if (i < my_tiles) issue_tile(i, i);
     }
-    // q (the oldest group) is in for this thread; the barrier makes every thread's q copies visible.
-    cp_async_wait<S - 1>();
-    __syncthreads();
+    cp_async_wait<0>();
+    __syncthreads();  // every thread's q copies visible
 
     float o[DT][4];
 #pragma unroll
     for (int i = 0; i < DT; ++i)
 #pragma unroll
         for (int e = 0; e < 4; ++e) o[i][e] = 0.0f;
+    // Running max (log2 units) and this lane's share of the running sum of the rows g and g + 8.
     float m_row[2] = {neg_inf(), neg_inf()};
     float l_row[2] = {0.0f, 0.0f};
-    // This thread's two rows (g and g + 8) and their query positions.
     int pos_row[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) pos_row[h] = len - p.tq + (g + 8 * h) / p.group;
+    const float scale_log2 = p.scale * LOG2E;
+    // Keys every row may see: [begin, end) clipped by causality (first row's position) and the window (last
+    // row's position). A tile inside it needs no per-element mask.
+    const int full_hi = p.causal ? min(end, len - p.tq + 1) : end;
+    const int full_lo = p.window > 0 ? max(begin, len - p.window) : begin;
 
     for (int i = 0; i < my_tiles; ++i) {
         const int stage = i % S;
-        cp_async_wait<S - 2>();
-        // Makes every stream thread's copies of tile i visible to the stream, and (every thread having
-        // finished tile i - 1) frees that tile's stage for the fetch below.
-        stream_sync();
-        if (i + S - 1 < my_tiles) load_tile(i + S - 1, (i + S - 1) % S);
-        cp_async_commit();
-        const typename Shared::Ring& ring = s.u.ring[stream][stage];
         const int start = begin + (stream + i * T::STREAMS) * T::N;
+        typename Shared::Ring& ring = s.u.ring[stream][stage];
+        mbar_wait(&s.bar[stream][stage], (unsigned)(i / S) & 1u);
+        if (start + T::N > end) {
+            // The last tile: V rows of absent keys hold stale or uninitialised data, and 0 * NaN is NaN.
+            const int n_valid = end - start;
+            for (int e = stream_lane; e < (T::N - n_valid) * VECS; e += SL * 32)
+                store_u128(&ring.v[n_valid + e / VECS][(e % VECS) * 8], make_uint4(0, 0, 0, 0));
+        }
+        // Publishes the zeroed rows and (every thread having finished tile i - 1) frees that tile's stage.
+        stream_sync();
+        if (i + S - 1 < my_tiles) issue_tile(i + S - 1, (i + S - 1) % S);
 
         // S = Q K^T for the 16 rows and the tile's 16 keys.
         float sc[2][4];
@@ -518,7 +570,10 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1) flash_decode_mma_ker
             mma_bf16_16816(sc[1], a, bk[2], bk[3]);
         }
 
-        // Mask, scale, softcap; online softmax per row (a row's 16 values sit in the 4 lanes of a quad).
+        // Scale (log2 units), softcap, mask; online softmax per row (a row's 16 values sit in a quad's lanes).
+        const bool full = start >= full_lo && start + T::N <= full_hi;
+        bool moved = false;
+        float alpha_row[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int r = g + 8 * h;
@@ -528,36 +583,46 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1) flash_decode_mma_ker
             for (int n = 0; n < 2; ++n)
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-                    const int j = start + n * 8 + 2 * c + e;
-                    const bool visible = r < p.rows_total && j < end && (!p.causal || j <= pos) &&
-                                         (p.window <= 0 || j > pos - p.window);
                     float x = sc[n][2 * h + e];
-                    x = visible ? softcap_logit(x * p.scale, p.softcap) : neg_inf();
+                    x = p.softcap > 0.0f ? softcap_logit(x * p.scale, p.softcap) * LOG2E : x * scale_log2;
+                    if (!full) {
+                        const int j = start + n * 8 + 2 * c + e;
+                        const bool visible = r < p.rows_total && j < end && (!p.causal || j <= pos) &&
+                                             (p.window <= 0 || j > pos - p.window);
+                        x = visible ? x : neg_inf();
+                    }
                     sc[n][2 * h + e] = x;
                     mx = fmaxf(mx, x);
                 }
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
             const float m_new = fmaxf(m_row[h], mx);
-            // While a row has seen no visible key its max is -inf; subtracting 0 keeps exp(-inf) = 0.
+            moved |= m_new != m_row[h];
+            // While a row has seen no visible key its max is -inf; subtracting 0 keeps 2^-inf = 0.
             const float m_use = m_new == neg_inf() ? 0.0f : m_new;
-            const float alpha = expf(m_row[h] - m_use);
+            const float alpha = fast_exp2(m_row[h] - m_use);
             float sum = 0.0f;
 #pragma unroll
             for (int n = 0; n < 2; ++n)
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-                    const float pe = expf(sc[n][2 * h + e] - m_use);
+                    const float pe = fast_exp2(sc[n][2 * h + e] - m_use);
                     sc[n][2 * h + e] = pe;
                     sum += pe;
                 }
             // Each lane keeps the sum of its own columns; the quad's sums are added at the end.
             l_row[h] = l_row[h] * alpha + sum;
             m_row[h] = m_new;
+            alpha_row[h] = alpha;
+        }
+        // alpha is exactly 1 for a row whose max did not move: the rescale runs only when some row's did.
+        if (__any_sync(0xffffffffu, moved)) {
 #pragma unroll
             for (int d = 0; d < DT; ++d) {
-                o[d][2 * h] *= alpha;
-                o[d][2 * h + 1] *= alpha;
+                o[d][0] *= alpha_row[0];
+                o[d][1] *= alpha_row[0];
+                o[d][2] *= alpha_row[1];
+                o[d][3] *= alpha_row[1];
             }
         }
 
@@ -577,8 +642,9 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1) flash_decode_mma_ker
             mma_bf16_16816(o[2 * d2 + 1], a, bv[2], bv[3]);
         }
     }
-    // Only empty groups can be left; then every warp must be done with its ring before it becomes Merge.
-    cp_async_wait<0>();
+    // The combine (when there are splits) may now be scheduled; it waits for this grid to finish.
+    pdl_launch_dependents();
+    // Every issued tile was waited for; every warp must be done with its ring before it becomes Merge.
     __syncthreads();
 
 #pragma unroll
@@ -598,8 +664,8 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1) flash_decode_mma_ker
     }
     __syncthreads();
 
-    // out = sum_w O_w exp(m_w - M) / sum_w l_w exp(m_w - M) over the streams w, M = max_w m_w; one thread
-    // per (row, 8 dims).
+    // out = sum_w O_w 2^(m_w - M) / sum_w l_w 2^(m_w - M) over the streams w, M = max_w m_w (log2 units);
+    // one thread per (row, 8 dims).
     for (int i = tid; i < p.rows_total * VECS; i += T::THREADS) {
         const int r = i / VECS, vec = i % VECS;
         float mx = neg_inf();
@@ -611,7 +677,7 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1) flash_decode_mma_ker
         for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
 #pragma unroll
         for (int w = 0; w < T::STREAMS; ++w) {
-            const float wt = expf(s.u.merge.m[w][r] - m_use);
+            const float wt = fast_exp2(s.u.merge.m[w][r] - m_use);
             l = fmaf(s.u.merge.l[w][r], wt, l);
             const float4 x = *reinterpret_cast<const float4*>(&s.u.merge.o[w][r][vec * 8]);
             const float4 y = *reinterpret_cast<const float4*>(&s.u.merge.o[w][r][vec * 8 + 4]);
@@ -625,7 +691,8 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1) flash_decode_mma_ker
             acc[7] = fmaf(y.w, wt, acc[7]);
         }
         const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-        const float row_lse = l > 0.0f ? mx + logf(l) : neg_inf();
+        // Back to natural log: lse = ln(2) * (M + log2 l).
+        const float row_lse = l > 0.0f ? (mx + __log2f(l)) * LN2 : neg_inf();
         float out[8];
 #pragma unroll
         for (int e = 0; e < 8; ++e) out[e] = acc[e] * inv;
@@ -647,45 +714,41 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1) flash_decode_mma_ker
 }
 
 // Merges the splits of one output row: out = sum_s w_s o_s / sum_s w_s with w_s = exp(lse_s - max lse).
-// Splits with lse = -inf (no visible key) get weight 0 and their (unwritten) output is replaced by 0; a
-// row with no split left gets zeros and lse = -inf. Block (row = blockIdx.x, chunk of 32 vectors of 8 dims = blockIdx.y):
-// COMBINE_THREADS threads, LANES per vector chunk times SLICES that each take every SLICES-th split (so a
-// row's splits are read in parallel, not one after the other), then summed through shared memory.
+// Splits with lse = -inf (no visible key; the decode kernels write their partial output as zeros) get
+// weight 0; a row with no split left gets zeros and lse = -inf. Block (row = blockIdx.x, chunk of
+// COMBINE_LANES vectors of 8 dims = blockIdx.y): the other COMBINE_THREADS / COMBINE_LANES threads of the
+// chunk take every SLICES-th split, so a row's splits are read by many threads at once (the split loop
+// is the latency chain of this kernel), then the slices are summed by warp shuffles and shared memory.
+// Launched with programmatic dependent launch after the decode kernel: nothing is read before pdl_wait().
 constexpr int COMBINE_THREADS = 256;
+constexpr int COMBINE_LANES = 4;
 
 template <int D> __global__ void __launch_bounds__(COMBINE_THREADS) attention_combine_kernel(const DecodeParams p) {
-    constexpr int VECS = D / 8;
-    constexpr int LANES = VECS < 32 ? VECS : 32;
+    constexpr int LANES = COMBINE_LANES;
     constexpr int SLICES = COMBINE_THREADS / LANES;
-    __shared__ float warp_max[COMBINE_THREADS / 32];
-    __shared__ float part[SLICES][LANES][9];  // 8 sums and the weight total; pitch 9 spreads the banks
+    constexpr int WARPS = COMBINE_THREADS / 32;
+    static_assert(D / 8 % LANES == 0, "head dim chunks");
+    __shared__ float warp_m[WARPS][LANES];
+    __shared__ float part[WARPS][LANES][9];  // 8 sums and the weight total per warp
+    pdl_wait();
     const i64 row = blockIdx.x;
     const int hq = (int)(row % p.hq);
     const int t = (int)((row / p.hq) % p.tq);
     const int b = (int)(row / ((i64)p.hq * p.tq));
     const float* lse_s = p.part_lse + row * p.num_splits;
-    const int tid = threadIdx.x;
-
-    float mx = neg_inf();
-    for (int s = tid; s < p.num_splits; s += COMBINE_THREADS) mx = fmaxf(mx, lse_s[s]);
-    mx = warp_reduce_max(mx);
-    if ((tid & 31) == 0) warp_max[tid >> 5] = mx;
-    __syncthreads();
-    mx = warp_max[0];
-#pragma unroll
-    for (int w = 1; w < COMBINE_THREADS / 32; ++w) mx = fmaxf(mx, warp_max[w]);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
     const int lane_v = tid % LANES;
     const int slice = tid / LANES;
     const int vec = blockIdx.y * LANES + lane_v;
-    float acc[8];
+    // Each thread merges its splits online: m is its running max lse, acc[0..7] the sums of o_s e^(lse_s - m),
+    // acc[8] the sum of e^(lse_s - m). The lse and the outputs of BATCH splits are loaded together (one
+    // round trip per batch, no separate pass for the max); past the last split the row's split 0 is read
+    // instead and weighted 0.
+    float m = neg_inf();
+    float acc[9];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
-    float total = 0.0f;
-    // BATCH splits per step, their loads issued together before any is used (a `continue` on empty splits
-    // made every split a dependent round trip). An empty split's output was never written: it is read
-    // (inside the workspace) but replaced by 0 before use, so garbage cannot turn into NaN; past the last
-    // split the row's split 0 is read instead and weighted 0.
+    for (int e = 0; e < 9; ++e) acc[e] = 0.0f;
     constexpr int BATCH = 4;
     for (int s0 = slice; s0 < p.num_splits; s0 += BATCH * SLICES) {
         float ls[BATCH];
@@ -699,31 +762,56 @@ template <int D> __global__ void __launch_bounds__(COMBINE_THREADS) attention_co
             va[k] = *reinterpret_cast<const float4*>(src);
             vb[k] = *reinterpret_cast<const float4*>(src + 4);
         }
+        float m_new = m;
+#pragma unroll
+        for (int k = 0; k < BATCH; ++k) m_new = fmaxf(m_new, ls[k]);
+        if (m_new == neg_inf()) continue;  // nothing visible yet
+        const float rescale = expf(m - m_new);  // 0 while m = -inf
+#pragma unroll
+        for (int e = 0; e < 9; ++e) acc[e] *= rescale;
+        m = m_new;
 #pragma unroll
         for (int k = 0; k < BATCH; ++k) {
-            const bool live = ls[k] != neg_inf();
-            const float w = live ? expf(ls[k] - mx) : 0.0f;
-            total += w;
-            acc[0] = fmaf(w, live ? va[k].x : 0.0f, acc[0]);
-            acc[1] = fmaf(w, live ? va[k].y : 0.0f, acc[1]);
-            acc[2] = fmaf(w, live ? va[k].z : 0.0f, acc[2]);
-            acc[3] = fmaf(w, live ? va[k].w : 0.0f, acc[3]);
-            acc[4] = fmaf(w, live ? vb[k].x : 0.0f, acc[4]);
-            acc[5] = fmaf(w, live ? vb[k].y : 0.0f, acc[5]);
-            acc[6] = fmaf(w, live ? vb[k].z : 0.0f, acc[6]);
-            acc[7] = fmaf(w, live ? vb[k].w : 0.0f, acc[7]);
+            const float w = expf(ls[k] - m);  // 0 for an empty split (lse = -inf)
+            acc[0] = fmaf(w, va[k].x, acc[0]);
+            acc[1] = fmaf(w, va[k].y, acc[1]);
+            acc[2] = fmaf(w, va[k].z, acc[2]);
+            acc[3] = fmaf(w, va[k].w, acc[3]);
+            acc[4] = fmaf(w, vb[k].x, acc[4]);
+            acc[5] = fmaf(w, vb[k].y, acc[5]);
+            acc[6] = fmaf(w, vb[k].z, acc[6]);
+            acc[7] = fmaf(w, vb[k].w, acc[7]);
+            acc[8] += w;
         }
     }
+    // Merges (m, acc) of two threads into this one's.
+    auto merge = [&](float m_o, const float (&acc_o)[9]) {
+        const float m_new = fmaxf(m, m_o);
+        if (m_new == neg_inf()) return;
+        const float a = expf(m - m_new), b_o = expf(m_o - m_new);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) part[slice][lane_v][e] = acc[e];
-    part[slice][lane_v][8] = total;
-    __syncthreads();
-    if (slice != 0) return;
-    for (int q = 1; q < SLICES; ++q) {
+        for (int e = 0; e < 9; ++e) acc[e] = acc[e] * a + acc_o[e] * b_o;
+        m = m_new;
+    };
+    // The warp's slices (lanes with the same lane_v), then the warps'.
 #pragma unroll
-        for (int e = 0; e < 8; ++e) acc[e] += part[q][lane_v][e];
-        total += part[q][lane_v][8];
+    for (int off = LANES; off < 32; off <<= 1) {
+        float acc_o[9];
+        const float m_o = __shfl_xor_sync(0xffffffffu, m, off);
+#pragma unroll
+        for (int e = 0; e < 9; ++e) acc_o[e] = __shfl_xor_sync(0xffffffffu, acc[e], off);
+        merge(m_o, acc_o);
     }
+    if (lane < LANES) {
+        warp_m[warp][lane] = m;
+#pragma unroll
+        for (int e = 0; e < 9; ++e) part[warp][lane][e] = acc[e];
+    }
+    __syncthreads();
+    if (tid >= LANES) return;
+    for (int w = 1; w < WARPS; ++w) merge(warp_m[w][lane_v], part[w][lane_v]);
+    const float mx = m;
+    const float total = acc[8];
     const float inv = total > 0.0f ? 1.0f / total : 0.0f;
     float o[8];
 #pragma unroll

@@ -51,8 +51,7 @@ impl<'a> DeviceBuffer<'a> {
 
     /// Fills every byte with 0xFF: NaN in bf16 and fp32, so an unwritten output element is caught.
     pub fn poison(&self) -> Result<()> {
-        self.device.bind()?;
-        unsafe { sys::cuMemsetD8_v2(self.ptr, 0xff, self.bytes) }.result().during("cuMemsetD8")
+        unsafe { self.device.fill(self.ptr, 0xff, self.bytes) }
     }
 }
 

@@ -322,13 +322,31 @@ impl Device {
         cudarc::driver::result::free_sync(ptr).during("cuMemFree")
     }
 
-    /// Synchronous copy between any two pointers of the unified address space.
+    /// Synchronous copy between any two pointers of the unified address space: the copy has landed when
+    /// this returns.
+    ///
+    /// cuMemcpy alone does not promise that: from pageable host memory it returns once the data is
+    /// staged, and device to device it does not wait at all, while the caller's kernels run on
+    /// non-blocking streams that do not order themselves after the legacy stream's copy. Hence the
+    /// context synchronisation.
     ///
     /// # Safety
     /// Both ranges must be valid for `bytes` bytes.
     pub unsafe fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
         self.bind()?;
-        sys::cuMemcpy(dst, src, bytes).result().during("cuMemcpy")
+        sys::cuMemcpy(dst, src, bytes).result().during("cuMemcpy")?;
+        sys::cuCtxSynchronize().result().during("cuCtxSynchronize")
+    }
+
+    /// Sets `bytes` bytes at `ptr` to `value` and waits until they are set (cuMemsetD8 on device memory
+    /// returns before it completes; see [`Device::copy`]).
+    ///
+    /// # Safety
+    /// The range must be valid device memory of this context.
+    pub unsafe fn fill(&self, ptr: u64, value: u8, bytes: usize) -> Result<()> {
+        self.bind()?;
+        sys::cuMemsetD8_v2(ptr, value, bytes).result().during("cuMemsetD8")?;
+        sys::cuCtxSynchronize().result().during("cuCtxSynchronize")
     }
 
     pub fn stream_create(&self) -> Result<sys::CUstream> {

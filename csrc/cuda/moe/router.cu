@@ -23,6 +23,9 @@ __global__ void __launch_bounds__(ROUTER_WARPS * 32) router_gemm_kernel(
     float eps, float* __restrict__ logits, i64 logits_row_stride, int tokens, int experts, int hidden) {
     __shared__ float row_factor[MT];
     __shared__ float reduce_scratch[32];
+    // The top-k kernel that follows (programmatic dependent launch) may be scheduled now: it waits for this
+    // grid's completion before reading the logits, so only its launch latency is hidden.
+    pdl_launch_dependents();
     const int lane = threadIdx.x & 31;
     const int t0 = blockIdx.y * MT;
     const int nt = min(MT, tokens - t0);
@@ -98,55 +101,92 @@ __global__ void __launch_bounds__(ROUTER_WARPS * 32) router_gemm_kernel(
 // ---------------------------------------------------------------------------------------------------------
 // Top-k. One warp per token; lane l holds the logits of experts l, l + 32, ... Selection ranks raw logits
 // (softmax and sigmoid are monotonic, so this is the ranking of the scores, and CPU and GPU rank the same
-// fp32 values identically); NaN ranks as -inf; ties go to the lower expert index.
+// fp32 values identically); NaN ranks as -inf, -0 below +0; ties go to the lower expert index.
 // ---------------------------------------------------------------------------------------------------------
 // Scoring codes (SPARKINFER_SCORING_*): 0 softmax, anything else (1) sigmoid.
 constexpr int SCORING_SOFTMAX = 0;
 
-SPK_DEVICE bool ranks_before(float va, int ia, float vb, int ib) { return va > vb || (va == vb && ia < ib); }
+// Order-preserving key of a logit for redux.sync: a larger logit gets a larger key, NaN ranks as -inf, and
+// -0 ranks below +0, the order of the CPU reference (f32::total_cmp). Every logit's key is above 0, which
+// marks an absent or already selected expert.
+SPK_DEVICE unsigned logit_key(float l) {
+    if (l != l) l = NEG_INF;
+    const unsigned b = __float_as_uint(l);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
 
-// Returns the expert of selection `lane` in lanes < top_k.
+SPK_DEVICE unsigned warp_max_u32(unsigned v) {
+    unsigned r;
+    asm volatile("redux.sync.max.u32 %0, %1, 0xffffffff;" : "=r"(r) : "r"(v));
+    return r;
+}
+
+SPK_DEVICE unsigned warp_min_u32(unsigned v) {
+    unsigned r;
+    asm volatile("redux.sync.min.u32 %0, %1, 0xffffffff;" : "=r"(r) : "r"(v));
+    return r;
+}
+
+// This lane's best remaining key and its expert (ties to the lower expert, i.e. the lower i), by a tree of
+// depth log2(TOPK_PER_LANE) rather than a serial scan.
+SPK_DEVICE void lane_best(const unsigned (&key)[TOPK_PER_LANE], int lane, unsigned& best_key, int& best_e) {
+    unsigned k[TOPK_PER_LANE];
+    int id[TOPK_PER_LANE];
+#pragma unroll
+    for (int i = 0; i < TOPK_PER_LANE; ++i) {
+        k[i] = key[i];
+        id[i] = i * 32 + lane;
+    }
+#pragma unroll
+    for (int s = 1; s < TOPK_PER_LANE; s <<= 1) {
+#pragma unroll
+        for (int i = 0; i + s < TOPK_PER_LANE; i += 2 * s) {
+            if (k[i + s] > k[i]) {
+                k[i] = k[i + s];
+                id[i] = id[i + s];
+            }
+        }
+    }
+    best_key = k[0];
+    best_e = id[0];
+}
+
+// Returns the expert of selection `lane` in lanes < top_k. Each round takes the warp's best (logit, then
+// lower expert) with two redux.sync (max key, then min expert among the lanes holding it); only the winning
+// lane's best changes.
 SPK_DEVICE int route_token(const float* __restrict__ logits_row, int experts, int top_k, int scoring,
                             bool renormalize, const float* __restrict__ expert_scale, int* __restrict__ ids_row,
                             float* __restrict__ weights_row) {
     const int lane = threadIdx.x & 31;
-    float key[TOPK_PER_LANE];
+    unsigned key[TOPK_PER_LANE];
     float row_max = NEG_INF;
 #pragma unroll
     for (int i = 0; i < TOPK_PER_LANE; ++i) {
         const int e = i * 32 + lane;
         const float l = e < experts ? logits_row[e] : NEG_INF;
-        key[i] = l != l ? NEG_INF : l;
+        key[i] = e < experts ? logit_key(l) : 0u;
         row_max = fmaxf(row_max, l);
     }
-    unsigned taken = 0;  // bit i: expert i * 32 + lane already selected (or absent)
-#pragma unroll
-    for (int i = 0; i < TOPK_PER_LANE; ++i) {
-        if (i * 32 + lane >= experts) taken |= 1u << i;
+    if (expert_scale != nullptr) {
+        // Its selected entries are read after the selection: bring the vector into L1 meanwhile.
+        for (int e = lane * 32; e < experts; e += 32 * 32)
+            asm volatile("prefetch.global.L1 [%0];" ::"l"(expert_scale + e));
     }
+    unsigned best_key;
+    int best_e;
+    lane_best(key, lane, best_key, best_e);
     int my_id = 0;
     for (int j = 0; j < top_k; ++j) {
-        float best_v = NEG_INF;
-        int best_i = 0x7fffffff;
+        const unsigned top = warp_max_u32(best_key);
+        const int win = (int)warp_min_u32(best_key == top ? (unsigned)best_e : 0xffffffffu);
+        if ((win & 31) == lane) {
 #pragma unroll
-        for (int i = 0; i < TOPK_PER_LANE; ++i) {
-            const int e = i * 32 + lane;
-            if (!(taken >> i & 1) && ranks_before(key[i], e, best_v, best_i)) {
-                best_v = key[i];
-                best_i = e;
+            for (int i = 0; i < TOPK_PER_LANE; ++i) {
+                if (i == (win >> 5)) key[i] = 0u;
             }
+            lane_best(key, lane, best_key, best_e);
         }
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) {
-            const float ov = __shfl_xor_sync(0xffffffffu, best_v, off);
-            const int oi = __shfl_xor_sync(0xffffffffu, best_i, off);
-            if (ranks_before(ov, oi, best_v, best_i)) {
-                best_v = ov;
-                best_i = oi;
-            }
-        }
-        if ((best_i & 31) == lane) taken |= 1u << (best_i >> 5);
-        if (lane == j) my_id = best_i;
+        if (lane == j) my_id = win;
     }
 
     float score = 0.0f;

@@ -394,7 +394,7 @@ fn prefill_matches_the_reference() {
     } else {
         (&[(1, 4, 4), (17, 8, 1), (64, 16, 2), (65, 4, 2), (300, 4, 1)], 700)
     };
-    for d in [64, 128, 256] {
+    for d in [64, 128, 256, 512] {
         for &(q_len, hq, hkv) in chunks {
             for (window, layout) in [
                 (None, Layout::TokenMajor { pad: 0 }),

@@ -442,7 +442,7 @@ enum sparkinfer_status sparkinfer_attention_decode(const struct sparkinfer_conte
 
 // Runs prefill attention on `stream`: the same attention as sparkinfer_attention_decode for a chunk of
 // `q_len` = 1 to 8192 new tokens per sequence (the last q_len tokens of its cache), on tensor cores.
-// Takes the decode params; head_dim 64, 128 or 256 (512 is UNSUPPORTED); needs no workspace (the
+// Takes the decode params (every head_dim of decode: 64, 128, 256, 512); needs no workspace (the
 // workspace fields are ignored).
 enum sparkinfer_status sparkinfer_attention_prefill(const struct sparkinfer_context *ctx,
                                                     const struct sparkinfer_attention_decode_params *params,

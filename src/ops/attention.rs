@@ -159,13 +159,21 @@ fn decode_instantiations() -> Vec<String> {
     names
 }
 
-/// Head dimensions with a prefill kernel (an hd512 output tile does not fit a warp's registers).
-pub const PREFILL_HEAD_DIMS: [usize; 3] = [64, 128, 256];
+/// Head dimensions with a prefill kernel (all of them; at 512 two warps share each 16 rows).
+pub const PREFILL_HEAD_DIMS: [usize; 4] = [64, 128, 256, 512];
 /// Most query tokens of one prefill call.
 pub const MAX_PREFILL_LEN: i64 = 8192;
-/// Query rows per prefill CTA and keys per tile (PREFILL_M, PREFILL_N).
-const PREFILL_M: usize = 64;
+/// Keys per prefill tile (PREFILL_N).
 const PREFILL_N: usize = 32;
+
+/// Query rows per prefill CTA (PrefillTile::M): 16 per warp, 16 per warp pair at D = 512.
+fn prefill_m(d: usize) -> usize {
+    if d >= 512 {
+        32
+    } else {
+        64
+    }
+}
 
 fn prefill_name(d: usize) -> String {
     format!("attention_prefill_kernel<{d}>")
@@ -173,7 +181,7 @@ fn prefill_name(d: usize) -> String {
 
 /// `sizeof(PrefillShared<D>)`: Q, one K and one V tile, rows padded by 8 elements.
 pub fn prefill_shared_bytes(d: usize) -> usize {
-    (PREFILL_M + 2 * PREFILL_N) * (d + 8) * 2
+    (prefill_m(d) + 2 * PREFILL_N) * (d + 8) * 2
 }
 
 /// Where the K and V caches keep a sequence's tokens.
@@ -678,18 +686,12 @@ pub unsafe fn decode(ctx: &Context, a: &DecodeArgs, stream: Stream) -> Result<()
 }
 
 /// Prefill: the same attention as [`decode`] for a chunk of `q_len` = 1 to 8192 new tokens (the last
-/// `q_len` of each sequence's cache), on tensor cores. Head dimensions 64, 128 and 256; no workspace.
+/// `q_len` of each sequence's cache), on tensor cores. Every head dimension of [`decode`]; no workspace.
 ///
 /// # Safety
 /// As [`decode`].
 pub unsafe fn prefill(ctx: &Context, a: &DecodeArgs, stream: Stream) -> Result<()> {
     ctx.check_stream(stream)?;
-    if !PREFILL_HEAD_DIMS.iter().any(|&d| d as i64 == a.head_dim) && HEAD_DIMS.iter().any(|&d| d as i64 == a.head_dim) {
-        return Err(Error::unsupported(format!(
-            "head_dim: {} has no prefill kernel; prefill supports 64, 128, 256",
-            a.head_dim
-        )));
-    }
     match ctx.backend() {
         Backend::Cpu => {
             let plan = validate(a, 1, MAX_PREFILL_LEN)?;
@@ -711,7 +713,7 @@ pub unsafe fn prefill(ctx: &Context, a: &DecodeArgs, stream: Stream) -> Result<(
             }
             let kernel = device.kernel(&DECODE_SOURCE, &prefill_name(plan.d))?;
             kernel.set_max_dynamic_shared(shared as u32)?;
-            let grid = (plan.q_len.div_ceil(PREFILL_M) as u32, plan.hq as u32, plan.batch as u32);
+            let grid = (plan.q_len.div_ceil(prefill_m(plan.d)) as u32, plan.hq as u32, plan.batch as u32);
             let mut args = crate::kernel_args![params];
             unsafe { device.launch(&kernel, grid, (DECODE_THREADS, 1, 1), shared as u32, stream.raw(), &mut args) }
         }

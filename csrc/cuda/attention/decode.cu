@@ -824,18 +824,27 @@ template <int D> __global__ void __launch_bounds__(COMBINE_THREADS) attention_co
 // Prefill: attention of a chunk of T query tokens (up to 8192) against the cache, on tensor cores.
 //
 // Same parameters and masking as flash decode (q_len = T; the chunk's tokens are the last T of the cache).
-// One CTA of 4 warps takes 64 query rows of one query head, 16 per warp; key tiles of 32 keys are fetched
-// with cp.async; S = Q K^T and O += P V run as mma.sync m16n8k16 (bf16 in, fp32 accumulators), with the
-// online softmax on the accumulator fragments and P re-packed as bf16 A fragments in registers. Shared
-// memory: Q [64][D] and one K and one V tile [32][D], rows padded by 16 bytes for conflict-free ldmatrix
-// (at most 69 KiB, for D = 256). Correctness first: one pipeline stage.
+// One CTA of 4 warps takes M query rows of one query head; key tiles of 32 keys are fetched with
+// cp.async; S = Q K^T and O += P V run as mma.sync m16n8k16 (bf16 in, fp32 accumulators), with the online
+// softmax on the accumulator fragments and P re-packed as bf16 A fragments in registers. Up to D = 256
+// each warp owns 16 rows (M = 64); at D = 512, whose 16 x 512 fp32 output tile would not fit one warp's
+// registers, a pair of warps shares 16 rows (M = 32): both compute the same scores (the same
+// instructions on the same data, so bitwise the same softmax state) and each accumulates P V for half of
+// the output dims, as the decode kernel does. Shared memory: Q [M][D] and one K and one V tile [32][D],
+// rows padded by 16 bytes for conflict-free ldmatrix (at most 97.5 KiB, for D = 512). Correctness first:
+// one pipeline stage.
 constexpr int PREFILL_THREADS = 128;
-constexpr int PREFILL_M = 64;
 constexpr int PREFILL_N = 32;
+
+template <int D> struct PrefillTile {
+    static constexpr int SLICES = D >= 512 ? 2 : 1;  // warps sharing 16 rows, each D / SLICES output dims
+    static constexpr int M = 16 * (PREFILL_THREADS / 32) / SLICES;
+    static constexpr int DO = D / SLICES;
+};
 
 template <int D> struct PrefillShared {
     static constexpr int PITCH = D + 8;
-    bf16_t q[PREFILL_M][PITCH];
+    bf16_t q[PrefillTile<D>::M][PITCH];
     bf16_t k[PREFILL_N][PITCH];
     bf16_t v[PREFILL_N][PITCH];
 };
@@ -843,30 +852,33 @@ template <int D> struct PrefillShared {
 template <int D>
 __global__ void __launch_bounds__(PREFILL_THREADS, 1) attention_prefill_kernel(const DecodeParams p) {
     using Shared = PrefillShared<D>;
+    using T = PrefillTile<D>;
     extern __shared__ uint4 shared_raw[];
     if (dynamic_shared_bytes() < sizeof(Shared)) __trap();
     Shared& s = *reinterpret_cast<Shared*>(shared_raw);
     constexpr int VECS = D / 8;
     constexpr int NT = PREFILL_N / 8;  // n8 tiles of S
-    constexpr int DT = D / 8;          // n8 tiles of O
+    constexpr int DT = T::DO / 8;      // n8 tiles of this warp's O slice
+    constexpr int M = T::M;
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int rows16 = warp / T::SLICES, slice = warp % T::SLICES;  // the warp's 16 rows, its output dims
     const int g = lane >> 2, c = lane & 3;
-    const int m0 = blockIdx.x * PREFILL_M;
+    const int m0 = blockIdx.x * M;
     const int hq = blockIdx.y;
     const int b = blockIdx.z;
     const int hkv = hq / p.group;
 
     const int len = min(max(p.seq_lens[b], 0), p.max_len);
     const int first = min(m0, p.tq - 1);
-    const int last = min(m0 + PREFILL_M, p.tq) - 1;
+    const int last = min(m0 + M, p.tq) - 1;
     const int pos_first = len - p.tq + first;
     const int pos_last = len - p.tq + last;
     const int lo = p.window > 0 ? max(0, pos_first - p.window + 1) : 0;
     const int hi = p.causal ? min(len, pos_last + 1) : len;
 
     // Q rows of this CTA (rows past T are zero and masked).
-    for (int i = tid; i < PREFILL_M * VECS; i += PREFILL_THREADS) {
+    for (int i = tid; i < M * VECS; i += PREFILL_THREADS) {
         const int r = i / VECS, vec = i % VECS;
         const int t = m0 + r;
         const bool valid = t < p.tq;
@@ -887,7 +899,7 @@ __global__ void __launch_bounds__(PREFILL_THREADS, 1) attention_prefill_kernel(c
     int t_row[2], pos_row[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-        t_row[h] = m0 + warp * 16 + g + 8 * h;
+        t_row[h] = m0 + rows16 * 16 + g + 8 * h;
         pos_row[h] = len - p.tq + t_row[h];
     }
 
@@ -919,7 +931,7 @@ __global__ void __launch_bounds__(PREFILL_THREADS, 1) attention_prefill_kernel(c
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
             unsigned a[4];
-            ldmatrix_x4(a, &s.q[warp * 16 + (lane & 15)][kk * 16 + (lane >> 4) * 8]);
+            ldmatrix_x4(a, &s.q[rows16 * 16 + (lane & 15)][kk * 16 + (lane >> 4) * 8]);
 #pragma unroll
             for (int n2 = 0; n2 < NT / 2; ++n2) {
                 unsigned bk[4];
@@ -971,7 +983,8 @@ __global__ void __launch_bounds__(PREFILL_THREADS, 1) attention_prefill_kernel(c
             }
         }
 
-        // O += P V, P as bf16 A fragments straight from the S accumulators.
+        // O += P V for this warp's output dims [slice * DO, (slice + 1) * DO), P as bf16 A fragments
+        // straight from the S accumulators.
 #pragma unroll
         for (int kc = 0; kc < PREFILL_N / 16; ++kc) {
             unsigned a[4];
@@ -982,7 +995,8 @@ __global__ void __launch_bounds__(PREFILL_THREADS, 1) attention_prefill_kernel(c
 #pragma unroll
             for (int d2 = 0; d2 < DT / 2; ++d2) {
                 unsigned bv[4];
-                ldmatrix_x4_trans(bv, &s.v[kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8][d2 * 16 + (lane >> 4) * 8]);
+                ldmatrix_x4_trans(
+                    bv, &s.v[kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8][slice * T::DO + d2 * 16 + (lane >> 4) * 8]);
                 mma_bf16_16816(o[2 * d2], a, bv[0], bv[1]);
                 mma_bf16_16816(o[2 * d2 + 1], a, bv[2], bv[3]);
             }
@@ -999,12 +1013,13 @@ __global__ void __launch_bounds__(PREFILL_THREADS, 1) attention_prefill_kernel(c
         const int t = t_row[h];
         if (t >= p.tq) continue;
         const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-        bf16_t* dst = p.out + (i64)b * p.out_stride_batch + (i64)t * p.out_stride_token + (i64)hq * p.out_stride_head;
+        bf16_t* dst = p.out + (i64)b * p.out_stride_batch + (i64)t * p.out_stride_token + (i64)hq * p.out_stride_head +
+                      slice * T::DO;
 #pragma unroll
         for (int i = 0; i < DT; ++i) {
             *reinterpret_cast<unsigned*>(dst + i * 8 + 2 * c) = pack_bf16x2(o[i][2 * h] * inv, o[i][2 * h + 1] * inv);
         }
-        if (p.lse != nullptr && c == 0) {
+        if (p.lse != nullptr && c == 0 && slice == 0) {
             p.lse[((i64)b * p.tq + t) * p.hq + hq] = l > 0.0f ? m_row[h] + logf(l) : neg_inf();
         }
     }

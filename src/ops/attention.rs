@@ -1,7 +1,7 @@
 //! Decode attention (flash decode): 1 to 8 new query tokens per sequence against a bf16 KV cache,
 //! contiguous or paged, with GQA, causal masking among the new tokens, a sliding window and a logit
-//! softcap; split-KV over the key range with a log-sum-exp combine. Prefill (up to 8192 new tokens, head
-//! dims 64 to 256) takes the same arguments and runs on tensor cores (mma.sync).
+//! softcap; split-KV over the key range with a log-sum-exp combine. Prefill (up to 8192 new tokens, every
+//! head dim) takes the same arguments and runs on tensor cores (mma.sync).
 //!
 //! Specialisations are template constants: the head dimension D (64, 128, 256, 512) and the rows per CTA
 //! (a power of two ≥ group × Tq, capped per D so that shared memory stays within sm_120's 99 KiB per block).

@@ -32,7 +32,7 @@ inline sparkinfer_status launch_attention_decode(const sparkinfer_context *ctx,
     return sparkinfer_attention_decode(ctx, &params, stream);
 }
 
-/* Prefill of q_len = 1 to 8192 tokens on tensor cores, same params (head_dim 64, 128, 256; no workspace). */
+/* Prefill of q_len = 1 to 8192 tokens on tensor cores, same params (every head_dim; no workspace). */
 inline sparkinfer_status launch_attention_prefill(const sparkinfer_context *ctx,
                                                   const sparkinfer_attention_decode_params &params,
                                                   sparkinfer_stream stream) {

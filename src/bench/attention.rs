@@ -141,10 +141,10 @@ fn decode_row(b: &mut Bench, c: &Config) -> Result<Row> {
     Ok(Row { op: "attention".into(), shape: format!("{} {lens_text}{layout_text}", c.label), us, bytes: bytes as f64 })
 }
 
-/// Prefill of a T-token chunk that is the whole sequence (causal), Qwen3.5 shape; the shape text carries
-/// the achieved TFLOP/s (4·T²/2·D·Hq useful flops: QKᵀ and PV over the causal half).
-fn prefill_row(b: &mut Bench, t: usize) -> Result<Row> {
-    let (label, hq, hkv, d, scale) = QWEN;
+/// Prefill of a T-token chunk that is the whole sequence (causal); the shape text carries the achieved
+/// TFLOP/s (4·T²/2·D·Hq useful flops: QKᵀ and PV over the causal half).
+fn prefill_row(b: &mut Bench, shape: (&'static str, usize, usize, usize, f32), t: usize) -> Result<Row> {
+    let (label, hq, hkv, d, scale) = shape;
     let cache_elems = t * hkv * d;
     let act_elems = t * hq * d;
     let copies = copies_for(b.device, (2 * cache_elems + 2 * act_elems) * 2);
@@ -199,6 +199,7 @@ fn prefill_row(b: &mut Bench, t: usize) -> Result<Row> {
 
 pub fn rows(b: &mut Bench) -> Result<Vec<Row>> {
     let mut rows: Vec<Row> = configs().iter().map(|c| decode_row(b, c)).collect::<Result<_>>()?;
-    rows.push(prefill_row(b, 2048)?);
+    rows.push(prefill_row(b, QWEN, 2048)?);
+    rows.push(prefill_row(b, GEMMA_GLOBAL, 2048)?);
     Ok(rows)
 }

@@ -221,12 +221,37 @@ fn split_rows(b: &mut Bench, w: &Weights) -> Result<Vec<Row>> {
     ])
 }
 
+/// A prefill chunk of `tokens` through the whole block, with its achieved TFLOP/s: 2 flops per
+/// multiply-add of the router GEMM, the k selected experts' gate, up and down projections and the dense
+/// FFN, per token. Two input copies (the weights alone exceed the L2 many times) and few launches: one
+/// call takes milliseconds.
+fn prefill_row(b: &mut Bench, w: &Weights, tokens: usize) -> Result<Row> {
+    let s = &w.s;
+    let io = Io::new(b, s, tokens, 2)?;
+    let (ctx, stream) = (b.ctx, b.stream);
+    let us = time_launches(b.device, stream, b.iters.min(10), |i| {
+        let args = w.block_args(i, io.x.ptr(i), io.out.ptr(i), tokens, (io.ws.ptr(i), io.ws_bytes));
+        unsafe { ops::moe_forward(ctx, &args, stream) }
+    })?;
+    let per_token = 2.0 * (s.hidden * s.experts + 3 * s.hidden * (s.top_k * s.inter + s.dense_inter)) as f64;
+    let tflops = per_token * tokens as f64 / us / 1e6;
+    Ok(Row {
+        op: "moe_block".into(),
+        shape: format!("{} T={tokens} E={} k={}: {tflops:.1} TFLOP/s", s.label, s.experts, s.top_k),
+        us,
+        bytes: w.block_bytes(tokens),
+    })
+}
+
 pub fn rows(b: &mut Bench) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     for shape in [QWEN35, GEMMA4] {
         let w = Weights::new(b, shape)?;
         for tokens in [1, 8, 64] {
             rows.push(block_row(b, &w, tokens)?);
+        }
+        if shape.label == QWEN35.label {
+            rows.push(prefill_row(b, &w, 2048)?);
         }
         rows.extend(split_rows(b, &w)?);
     }

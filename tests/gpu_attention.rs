@@ -141,8 +141,8 @@ fn several_new_tokens_with_causal_masking() {
         }
     }
     if small() {
-        // Long lengths for each decode kernel (group × Tq above and within 16 rows), and the CUDA-core kernel
-        // with all keys in one tile (128 keys at D = 64, 16 at D = 512): no split.
+        // Long lengths with group × Tq above and within 16 rows (several row chunks, one), and short ones
+        // that need no split.
         cases.push(at_lens(base(8, 32, 2, 256), &[1, 3, 8, 1024, 1030, 4097]));
         cases.push(at_lens(base(2, 16, 2, 512), &[1, 3, 8, 1024, 1030, 4097]));
         for d in [64, 512] {

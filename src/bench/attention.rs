@@ -17,6 +17,8 @@ struct Config {
     window: Option<usize>,
     scale: f32,
     lens: Vec<i32>,
+    /// New tokens per sequence (speculative decoding verifies several).
+    q_len: usize,
     /// Tokens per page; None for a contiguous [batch, max, kv_heads, head_dim] cache.
     page_size: Option<usize>,
 }
@@ -27,7 +29,7 @@ const GENERIC: (&str, usize, usize, usize, f32) = ("generic 32/8 hd128", 32, 8, 
 
 fn config(shape: (&'static str, usize, usize, usize, f32), lens: Vec<i32>) -> Config {
     let (label, hq, hkv, d, scale) = shape;
-    Config { label, hq, hkv, d, window: None, scale, lens, page_size: None }
+    Config { label, hq, hkv, d, window: None, scale, lens, q_len: 1, page_size: None }
 }
 
 fn configs() -> Vec<Config> {
@@ -45,6 +47,12 @@ fn configs() -> Vec<Config> {
     // 16 sequences spread evenly over 1K-32K.
     out.push(config(QWEN, (0..16).map(|i| 1024 + i * (31 * 1024) / 15).collect()));
     out.push(config(QWEN, vec![4096; 64]));
+    // Verifying 4 draft tokens (group 8 x 4 = 32 rows per KV head).
+    for ctx in [32768, 4096] {
+        let mut spec = config(QWEN, vec![ctx]);
+        spec.q_len = 4;
+        out.push(spec);
+    }
     for ctx in [32768, 4096] {
         let mut paged = config(QWEN, vec![ctx]);
         paged.page_size = Some(64);
@@ -71,13 +79,13 @@ fn decode_row(b: &mut Bench, c: &Config) -> Result<Row> {
     };
     let cache_elems = slots * tokens_per_slot * hkv * d;
     let visible: usize = c.lens.iter().map(|&l| c.window.map_or(l as usize, |w| (l as usize).min(w))).sum();
-    let act_bytes = batch * c.hq * d * 2;
+    let act_bytes = batch * c.q_len * c.hq * d * 2;
     let bytes = visible * hkv * d * 2 * 2 + 2 * act_bytes;
     let set_bytes = 2 * cache_elems * 2 + 2 * act_bytes;
     let copies = copies_for(b.device, set_bytes);
     let k = Rotating::from_bytes(b.device, &filler(cache_elems, &mut b.rng), copies)?;
     let v = Rotating::from_bytes(b.device, &filler(cache_elems, &mut b.rng), copies)?;
-    let q = Rotating::bf16(b.device, batch * c.hq * d, copies, &mut b.rng)?;
+    let q = Rotating::bf16(b.device, batch * c.q_len * c.hq * d, copies, &mut b.rng)?;
     let out = Rotating::output(b.device, act_bytes, copies)?;
     let lens = DeviceBuffer::from_slice(b.device, &c.lens)?;
     // Pages in shuffled order, as a long-running server's allocator leaves them.
@@ -115,7 +123,7 @@ fn decode_row(b: &mut Bench, c: &Config) -> Result<Row> {
         workspace,
         workspace_bytes,
         batch: batch as i64,
-        q_len: 1,
+        q_len: c.q_len as i64,
         num_q_heads: c.hq as i64,
         num_kv_heads: hkv as i64,
         head_dim: d as i64,
@@ -138,7 +146,13 @@ fn decode_row(b: &mut Bench, c: &Config) -> Result<Row> {
         format!("B={batch} ctx {}-{max}", c.lens.iter().min().unwrap_or(&0))
     };
     let layout_text = c.page_size.map_or(String::new(), |ps| format!(" paged {ps}"));
-    Ok(Row { op: "attention".into(), shape: format!("{} {lens_text}{layout_text}", c.label), us, bytes: bytes as f64 })
+    let tq_text = if c.q_len > 1 { format!(" Tq={}", c.q_len) } else { String::new() };
+    Ok(Row {
+        op: "attention".into(),
+        shape: format!("{} {lens_text}{layout_text}{tq_text}", c.label),
+        us,
+        bytes: bytes as f64,
+    })
 }
 
 /// Prefill of a T-token chunk that is the whole sequence (causal); the shape text carries the achieved

@@ -3,14 +3,13 @@
 //! softcap; split-KV over the key range with a log-sum-exp combine. Prefill (up to 8192 new tokens, every
 //! head dim) takes the same arguments and runs on tensor cores (mma.sync).
 //!
-//! Specialisations are template constants: the head dimension D (64, 128, 256, 512) and the rows per CTA
-//! (a power of two ≥ group × Tq, capped per D so that shared memory stays within sm_120's 99 KiB per block).
-//! The GQA group (1, 2, 4, 8, 16) and Tq are kernel arguments: one CTA serves every query head of its KV
-//! head and every new token, so each K/V tile is read once for all of them. Only when group × Tq exceeds
-//! the cap (Tq > 1 with large groups) are the rows spread over several CTAs that each read the tile.
-//! Shapes with group × Tq ≤ 16 run a tensor-core kernel instead (`flash_decode_mma_kernel`: rows padded
-//! to one m16 tile, each warp, or at D = 512 each pair of warps splitting the output dims, streaming its
-//! own keys); the split partials of either kernel are merged by `attention_combine_kernel`.
+//! Specialisations are template constants: the head dimension D (64, 128, 256, 512). The GQA group (1, 2,
+//! 4, 8, 16) and Tq are kernel arguments. Decode runs on tensor cores (`flash_decode_mma_kernel`): one CTA
+//! per (sequence, KV head, chunk of 16 rows) and split, rows = the query heads of the KV head's group
+//! times the new tokens, padded to one m16 tile, so each K/V tile is read once for 16 rows (group × Tq
+//! above 16, e.g. group 8 verifying 4 draft tokens, takes several row chunks); each warp, or at D = 512
+//! each pair of warps splitting the output dims, streams its own keys. The split partials are merged by
+//! `attention_combine_kernel`.
 
 use super::{check_dim, check_ptr, overlaps, Backend, Context, Stream};
 use crate::error::{Error, Result};
@@ -41,16 +40,15 @@ pub const MAX_PAGE_SIZE: i64 = 256;
 pub const MAX_SEQ_LEN: i64 = 1 << 28;
 /// Most KV splits of one (sequence, KV head): bounds the workspace and the combine's loop.
 pub const MAX_SPLITS: usize = 256;
-/// Threads per CTA of the decode kernel (DECODE_THREADS).
-const DECODE_THREADS: u32 = 128;
+/// Threads per CTA of the prefill kernel (PREFILL_THREADS).
+const PREFILL_THREADS: u32 = 128;
 /// Threads per CTA of the split combine (COMBINE_THREADS).
 const COMBINE_THREADS: u32 = 256;
 /// 8-dim vectors per block of the split combine (COMBINE_LANES); head dims are multiples of 32.
 const COMBINE_LANES: usize = 4;
-/// The tensor-core decode kernel (`flash_decode_mma_kernel`) takes group × Tq up to this many rows (one
-/// m16 tile) for head dims up to `MMA_MAX_D`; other shapes run `flash_decode_kernel`.
+/// Rows (query heads × new tokens) per CTA of the decode kernel (`flash_decode_mma_kernel`): one m16
+/// tile; group × Tq above it is spread over row chunks.
 const MMA_ROWS: usize = 16;
-const MMA_MAX_D: usize = 512;
 /// Keys per warp tile of the tensor-core kernel (DecodeMma::N).
 const MMA_TILE_KEYS: usize = 16;
 /// CTAs per SM the tensor-core kernel's split count aims for: H100 holds 3 of its ≤ 75 KiB blocks, 2 of
@@ -64,32 +62,6 @@ fn mma_ctas_per_sm(d: usize) -> usize {
 }
 /// Shared memory a block may use on sm_120 / sm_121; every decode variant stays below it.
 const SHARED_LIMIT: usize = 99 * 1024;
-
-/// Keys per tile of the decode kernel (DecodeTile::KEYS): 16 KiB of K and of V per pipeline stage.
-fn tile_keys(d: usize) -> usize {
-    8192 / d
-}
-
-/// Most rows (query heads × new tokens) one CTA takes: q in fp32 and the tile's scores must fit next to
-/// the two K/V stages in 99 KiB.
-fn max_rows(d: usize) -> usize {
-    match d {
-        64 | 128 => 32,
-        _ => 16,
-    }
-}
-
-fn row_options(d: usize) -> impl Iterator<Item = usize> {
-    (0..=5).map(|s| 1usize << s).filter(move |&r| r <= max_rows(d))
-}
-
-/// Dynamic shared memory of `flash_decode_kernel<D, ROWS>`, as `sizeof(DecodeShared<D, ROWS>)`.
-pub fn decode_shared_bytes(d: usize, rows: usize) -> usize {
-    let keys = tile_keys(d);
-    let tpk = d / 64;
-    let k_pitch = d + if tpk >= 8 { 0 } else { 8 * tpk };
-    2 * keys * k_pitch * 2 + 2 * keys * d * 2 + rows * d * 4 + rows * keys * 4 + 3 * rows * 4
-}
 
 /// Warps, warps per KV stream (each owning D / slices output dims) and ring stages per stream of
 /// `flash_decode_mma_kernel<D>` (DecodeMma::WARPS, DecodeMma::SLICES, DecodeMma::STAGES).
@@ -138,10 +110,6 @@ fn decode_mma_name(d: usize) -> String {
     format!("flash_decode_mma_kernel<{d}>")
 }
 
-fn decode_name(d: usize, rows: usize) -> String {
-    format!("flash_decode_kernel<{d}, {rows}>")
-}
-
 fn combine_name(d: usize) -> String {
     format!("attention_combine_kernel<{d}>")
 }
@@ -149,10 +117,7 @@ fn combine_name(d: usize) -> String {
 fn decode_instantiations() -> Vec<String> {
     let mut names = Vec::new();
     for d in HEAD_DIMS {
-        names.extend(row_options(d).map(|r| decode_name(d, r)));
-        if d <= MMA_MAX_D {
-            names.push(decode_mma_name(d));
-        }
+        names.push(decode_mma_name(d));
         names.push(combine_name(d));
     }
     names.extend(PREFILL_HEAD_DIMS.iter().map(|&d| prefill_name(d)));
@@ -252,9 +217,7 @@ struct Plan {
     d: usize,
     group: usize,
     max_len: usize,
-    /// Runs `flash_decode_mma_kernel` (rows_total ≤ MMA_ROWS, d ≤ MMA_MAX_D).
-    mma: bool,
-    rows: usize,
+    /// CTAs per (sequence, KV head), MMA_ROWS rows each.
     row_chunks: usize,
     splits: usize,
     chunk_keys: usize,
@@ -428,15 +391,11 @@ fn validate(a: &DecodeArgs, sm_count: usize, max_q_len: i64) -> Result<Plan> {
     }
 
     let rows_total = group * q_len;
-    let mma = rows_total <= MMA_ROWS && d <= MMA_MAX_D;
-    let rows = if mma { MMA_ROWS } else { rows_total.next_power_of_two().min(max_rows(d)) };
-    let row_chunks = rows_total.div_ceil(rows);
-    // Split the key range a sequence can have (its window when set) so that the grid covers the GPU about
-    // twice (flash_decode_kernel) or fills mma_ctas_per_sm blocks per SM (the tensor-core kernel, whose
-    // splits hold at least one tile per stream, so that a short context is fetched in one round trip);
-    // every split gets whole tiles.
-    let (keys, ctas_per_sm) =
-        if mma { (mma_streams(d) * MMA_TILE_KEYS, mma_ctas_per_sm(d)) } else { (tile_keys(d), 2) };
+    let row_chunks = rows_total.div_ceil(MMA_ROWS);
+    // Split the key range a sequence can have (its window when set) so that the grid fills
+    // mma_ctas_per_sm blocks per SM; a split holds at least one tile per stream (so that a short context
+    // is fetched in one round trip) and whole tiles.
+    let (keys, ctas_per_sm) = (mma_streams(d) * MMA_TILE_KEYS, mma_ctas_per_sm(d));
     let span = match a.window {
         Some(w) => max_len.min(w as usize + q_len - 1),
         None => max_len,
@@ -455,8 +414,6 @@ fn validate(a: &DecodeArgs, sm_count: usize, max_q_len: i64) -> Result<Plan> {
         d,
         group,
         max_len,
-        mma,
-        rows,
         row_chunks,
         splits,
         chunk_keys: chunk_tiles * keys,
@@ -654,11 +611,8 @@ pub unsafe fn decode(ctx: &Context, a: &DecodeArgs, stream: Stream) -> Result<()
                 params.part_lse = a.workspace + (plan.output_rows() * plan.splits * plan.d * 4) as u64;
             }
             let split = plan.splits > 1;
-            let (name, shared, threads) = if plan.mma {
-                (decode_mma_name(plan.d), decode_mma_shared_bytes(plan.d), (mma_warps(plan.d) * 32) as u32)
-            } else {
-                (decode_name(plan.d, plan.rows), decode_shared_bytes(plan.d, plan.rows), DECODE_THREADS)
-            };
+            let (name, shared, threads) =
+                (decode_mma_name(plan.d), decode_mma_shared_bytes(plan.d), (mma_warps(plan.d) * 32) as u32);
             // Every variant fits (see the tests below); this guards the tables against a future edit.
             if shared > SHARED_LIMIT {
                 return Err(Error::internal(format!("{name} needs {shared} bytes of shared memory")));
@@ -715,7 +669,7 @@ pub unsafe fn prefill(ctx: &Context, a: &DecodeArgs, stream: Stream) -> Result<(
             kernel.set_max_dynamic_shared(shared as u32)?;
             let grid = (plan.q_len.div_ceil(prefill_m(plan.d)) as u32, plan.hq as u32, plan.batch as u32);
             let mut args = crate::kernel_args![params];
-            unsafe { device.launch(&kernel, grid, (DECODE_THREADS, 1, 1), shared as u32, stream.raw(), &mut args) }
+            unsafe { device.launch(&kernel, grid, (PREFILL_THREADS, 1, 1), shared as u32, stream.raw(), &mut args) }
         }
     }
 }
@@ -802,22 +756,12 @@ mod tests {
 
     #[test]
     fn every_variant_fits_sm120_shared_memory() {
-        for d in HEAD_DIMS {
-            for rows in row_options(d) {
-                assert!(decode_shared_bytes(d, rows) <= SHARED_LIMIT, "D={d} rows={rows}");
-            }
-            // The cap is the largest power of two that fits (or the register budget's 32).
-            let next = max_rows(d) * 2;
-            assert!(next > 32 || decode_shared_bytes(d, next) > SHARED_LIMIT, "D={d} could take {next} rows");
-        }
         for d in PREFILL_HEAD_DIMS {
             assert!(prefill_shared_bytes(d) <= SHARED_LIMIT, "prefill D={d}");
         }
         for d in HEAD_DIMS {
-            if d <= MMA_MAX_D {
-                assert!(decode_mma_shared_bytes(d) <= SHARED_LIMIT, "mma decode D={d}");
-                assert_eq!(mma_warps(d) % mma_slices(d), 0, "mma decode D={d}");
-            }
+            assert!(decode_mma_shared_bytes(d) <= SHARED_LIMIT, "mma decode D={d}");
+            assert_eq!(mma_warps(d) % mma_slices(d), 0, "mma decode D={d}");
         }
     }
 }

@@ -2,18 +2,9 @@
 // key range (split-KV) so that one sequence fills the GPU, then merged by log-sum-exp; and, at the end of
 // the file, tensor-core prefill of up to 8192 tokens with the same parameters and masking.
 //
-// Two decode kernels: flash_decode_mma_kernel (tensor cores, per-warp KV streams) for group × Tq <= 16
-// and every D, the common shapes; flash_decode_kernel (fp32 CUDA cores) for the rest, described here.
-// One CTA handles one (sequence, KV head, row chunk) = blockIdx.x and one split = blockIdx.y. Its rows are the query heads of the KV head's
-// GQA group times the new tokens (row = token * group + head_in_group), at most ROWS of them, so every
-// K/V tile is read from memory once for all of them. Tiles of KEYS = 8192 / D keys are fetched with
-// cp.async into a two-stage ring while the previous tile is computed on (16-byte copies, contiguous along
-// the head dimension). Per tile:
-//   scores:  thread (key, chunk) holds one 64-element slice of its key and dots it with every row's q
-//            (q in shared memory as fp32, read as a broadcast), then the D/64 chunks of a key are summed
-//            with warp shuffles;
-//   softmax: one warp per row: running max m, running sum l (fp32), rescale factor for the accumulator;
-//   P·V:     thread (vector of 8 output dims, row group) accumulates its rows over the tile's keys.
+// Decode runs on tensor cores (flash_decode_mma_kernel below): one CTA per (sequence, KV head, chunk of 16
+// rows) and split, where the rows are the query heads of the KV head's GQA group times the new tokens
+// (row = token * group + head_in_group), so every K/V tile is read once for the chunk's rows.
 // Sequence lengths are read on the GPU, so the same launch (and a graph captured of it) stays correct as
 // they change: the grid is sized from the host-known bound and CTAs whose key range is empty exit early.
 //
@@ -49,32 +40,7 @@ struct DecodeParams {
     float scale, softcap;  // softcap <= 0: none
 };
 
-constexpr int DECODE_THREADS = 128;
-
 SPK_DEVICE float neg_inf() { return __int_as_float(0xff800000); }
-
-template <int D> struct DecodeTile {
-    static constexpr int KEYS = 8192 / D;  // keys per tile: 16 KiB of K and 16 KiB of V per stage
-    static constexpr int VECS = D / 8;     // 16-byte vectors per key row
-    static constexpr int TPK = D / 64;     // threads per key in the score step (64 dims each)
-    // Row pitch of the K tile: pads so that the 8 lanes of a quarter warp (2 to 8 keys, TPK vectors
-    // each) hit distinct banks; with TPK = 8 a quarter warp reads one key's contiguous 128 bytes.
-    static constexpr int K_PITCH = D + (TPK >= 8 ? 0 : 8 * TPK);
-    static constexpr int RSPLIT = DECODE_THREADS / VECS;  // row groups in the P.V step
-    static_assert(KEYS * TPK == DECODE_THREADS, "one score slice per thread");
-};
-
-// Shared memory of one CTA; ops::attention::decode_shared_bytes computes the same size, and the kernel
-// traps if it was launched with less. At most 88 KiB for every instantiation (sm_120 allows 99 KiB).
-template <int D, int ROWS> struct DecodeShared {
-    using T = DecodeTile<D>;
-    bf16_t k[2][T::KEYS][T::K_PITCH];
-    bf16_t v[2][T::KEYS][D];
-    // q[r][half][vec][e] = q_row_r[8 * vec + 4 * half + e]: the lanes of a score read consecutive float4s.
-    float q[ROWS][2][T::VECS][4];
-    float p[ROWS][T::KEYS];
-    float m[ROWS], l[ROWS], alpha[ROWS];
-};
 
 SPK_DEVICE float softcap_logit(float x, float cap) { return cap > 0.0f ? cap * tanhf(x / cap) : x; }
 
@@ -98,265 +64,11 @@ SPK_DEVICE void zero_partials(const DecodeParams& p, int b, int hkv, int row0, i
     }
 }
 
-// The minimum of one block per SM lets ptxas keep every variant in registers; without it, it spilled a word
-// in some (the shared-memory tile allows one or two blocks per SM anyway).
-template <int D, int ROWS>
-__global__ void __launch_bounds__(DECODE_THREADS, 1) flash_decode_kernel(const DecodeParams p) {
-    using T = DecodeTile<D>;
-    using Shared = DecodeShared<D, ROWS>;
-    extern __shared__ uint4 shared_raw[];
-    if (dynamic_shared_bytes() < sizeof(Shared)) __trap();
-    Shared& s = *reinterpret_cast<Shared*>(shared_raw);
-
-    const int tid = threadIdx.x;
-    const int split = blockIdx.y;
-    int unit = blockIdx.x;
-    const int row_chunk = unit % p.row_chunks;
-    unit /= p.row_chunks;
-    const int hkv = unit % p.hkv;
-    const int b = unit / p.hkv;
-    const int row0 = row_chunk * ROWS;
-
-    // Launched with programmatic dependent launch: nothing is read before this wait.
-    pdl_wait();
-    const int len = min(max(p.seq_lens[b], 0), p.max_len);
-    const int lo = p.window > 0 ? max(0, len - p.tq + 1 - p.window) : 0;
-    const int begin = lo + split * p.chunk_keys;
-    const int end = min(begin + p.chunk_keys, len);
-
-    // Rows this thread finalises in the P.V mapping.
-    const int pv_vec = tid % T::VECS;
-    const int pv_group = tid / T::VECS;
-    constexpr int RPT = (ROWS + T::RSPLIT - 1) / T::RSPLIT;
-
-    if (begin >= end) {
-        // Nothing visible here: an empty split reports lse = -inf and a zero partial output (the combine
-        // reads every split and gives this one weight 0); without splits the rows are final: zeros and
-        // lse = -inf.
-        if (p.part_o != nullptr) zero_partials(p, b, hkv, row0, min(ROWS, p.rows_total - row0), split, D);
-        for (int r = tid; r < ROWS; r += DECODE_THREADS) {
-            const int rg = row0 + r;
-            if (rg >= p.rows_total) continue;
-            const int t = rg / p.group;
-            const int hq = hkv * p.group + rg % p.group;
-            const i64 row = ((i64)b * p.tq + t) * p.hq + hq;
-            if (p.part_o != nullptr) {
-                p.part_lse[row * p.num_splits + split] = neg_inf();
-            } else if (p.lse != nullptr) {
-                p.lse[row] = neg_inf();
-            }
-        }
-        if (p.part_o == nullptr) {
-#pragma unroll
-            for (int i = 0; i < RPT; ++i) {
-                const int r = pv_group + i * T::RSPLIT;
-                const int rg = row0 + r;
-                if (r >= ROWS || rg >= p.rows_total) continue;
-                const int t = rg / p.group;
-                const int hq = hkv * p.group + rg % p.group;
-                bf16_t* o = p.out + (i64)b * p.out_stride_batch + (i64)t * p.out_stride_token +
-                            (i64)hq * p.out_stride_head + pv_vec * 8;
-                store_u128(o, make_uint4(0, 0, 0, 0));
-            }
-        }
-        return;
-    }
-
-    auto load_tile = [&](int tile_start, int stage) {
-#pragma unroll
-        for (int it = 0; it < T::KEYS * T::VECS / DECODE_THREADS; ++it) {
-            const int i = tid + it * DECODE_THREADS;
-            const int key = i / T::VECS;
-            const int vec = i % T::VECS;
-            const int j = tile_start + key;
-            const bool valid = j < end;
-            i64 ko = 0, vo = 0;
-            if (valid) {
-                ko = cache_offset(p, b, j, hkv, p.k_stride_seq, p.k_stride_token, p.k_stride_head);
-                vo = cache_offset(p, b, j, hkv, p.v_stride_seq, p.v_stride_token, p.v_stride_head);
-            }
-            // Keys past the end are zero-filled: their weight is 0 and 0 * garbage could be NaN.
-            cp_async_16(&s.k[stage][key][vec * 8], p.k + ko + vec * 8, valid);
-            cp_async_16(&s.v[stage][key][vec * 8], p.v + vo + vec * 8, valid);
-        }
-        cp_async_commit();
-    };
-    load_tile(begin, 0);
-
-    // q of every row, fp32; rows past the group (padding of ROWS) are zero and masked below.
-    for (int i = tid; i < ROWS * T::VECS; i += DECODE_THREADS) {
-        const int r = i / T::VECS;
-        const int vec = i % T::VECS;
-        const int rg = row0 + r;
-        float f[8];
-        if (rg < p.rows_total) {
-            const int t = rg / p.group;
-            const int hq = hkv * p.group + rg % p.group;
-            bf16x8_to_f32(load_u128_ro(p.q + (i64)b * p.q_stride_batch + (i64)t * p.q_stride_token +
-                                       (i64)hq * p.q_stride_head + vec * 8),
-                          f);
-        } else {
-#pragma unroll
-            for (int e = 0; e < 8; ++e) f[e] = 0.0f;
-        }
-        *reinterpret_cast<float4*>(s.q[r][0][vec]) = make_float4(f[0], f[1], f[2], f[3]);
-        *reinterpret_cast<float4*>(s.q[r][1][vec]) = make_float4(f[4], f[5], f[6], f[7]);
-    }
-    for (int r = tid; r < ROWS; r += DECODE_THREADS) {
-        s.m[r] = neg_inf();
-        s.l[r] = 0.0f;
-    }
-
-    float acc[RPT][8];
-#pragma unroll
-    for (int i = 0; i < RPT; ++i)
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc[i][e] = 0.0f;
-
-    const int score_key = tid / T::TPK;
-    const int score_chunk = tid % T::TPK;
-    const int warp = tid >> 5;
-    const int lane = tid & 31;
-    const int num_tiles = (end - begin + T::KEYS - 1) / T::KEYS;
-
-    for (int tile = 0; tile < num_tiles; ++tile) {
-        const int stage = tile & 1;
-        const int tile_start = begin + tile * T::KEYS;
-        cp_async_wait<0>();
-        // Makes every thread's copies of this tile visible, and (as every thread has finished the
-        // previous tile) frees the other stage for the next fetch and p/alpha for this tile's scores.
-        __syncthreads();
-        if (tile + 1 < num_tiles) load_tile(tile_start + T::KEYS, stage ^ 1);
-
-        // Scores of this thread's key for every row.
-        {
-            float sc[ROWS];
-#pragma unroll
-            for (int r = 0; r < ROWS; ++r) sc[r] = 0.0f;
-#pragma unroll
-            for (int v = 0; v < 8; ++v) {
-                const int vec = v * T::TPK + score_chunk;
-                float kf[8];
-                bf16x8_to_f32(*reinterpret_cast<const uint4*>(&s.k[stage][score_key][vec * 8]), kf);
-#pragma unroll
-                for (int r = 0; r < ROWS; ++r) {
-                    const float4 a = *reinterpret_cast<const float4*>(s.q[r][0][vec]);
-                    const float4 c = *reinterpret_cast<const float4*>(s.q[r][1][vec]);
-                    float d = sc[r];
-                    d = fmaf(a.x, kf[0], d);
-                    d = fmaf(a.y, kf[1], d);
-                    d = fmaf(a.z, kf[2], d);
-                    d = fmaf(a.w, kf[3], d);
-                    d = fmaf(c.x, kf[4], d);
-                    d = fmaf(c.y, kf[5], d);
-                    d = fmaf(c.z, kf[6], d);
-                    d = fmaf(c.w, kf[7], d);
-                    sc[r] = d;
-                }
-            }
-            const int j = tile_start + score_key;
-#pragma unroll
-            for (int r = 0; r < ROWS; ++r) {
-#pragma unroll
-                for (int off = T::TPK / 2; off > 0; off >>= 1) sc[r] += __shfl_xor_sync(0xffffffffu, sc[r], off);
-                if (r % T::TPK == score_chunk) {
-                    const int rg = row0 + r;
-                    const int pos = len - p.tq + rg / p.group;
-                    const bool visible = rg < p.rows_total && j < end && (!p.causal || j <= pos) &&
-                                         (p.window <= 0 || j > pos - p.window);
-                    s.p[r][score_key] = visible ? softcap_logit(sc[r] * p.scale, p.softcap) : neg_inf();
-                }
-            }
-        }
-        __syncthreads();
-
-        // Online softmax, one warp per row.
-        for (int r = warp; r < ROWS; r += DECODE_THREADS / 32) {
-            float mx = neg_inf();
-            for (int n = lane; n < T::KEYS; n += 32) mx = fmaxf(mx, s.p[r][n]);
-            mx = warp_reduce_max(mx);
-            const float m_old = s.m[r];
-            const float m_new = fmaxf(m_old, mx);
-            // While a row has seen no visible key its max is -inf; subtracting 0 keeps exp(-inf) = 0.
-            const float m_use = m_new == neg_inf() ? 0.0f : m_new;
-            float sum = 0.0f;
-            for (int n = lane; n < T::KEYS; n += 32) {
-                const float e = expf(s.p[r][n] - m_use);
-                s.p[r][n] = e;
-                sum += e;
-            }
-            sum = warp_reduce_sum(sum);
-            // Every lane has read s.m[r] before lane 0 overwrites it.
-            __syncwarp();
-            if (lane == 0) {
-                const float alpha = expf(m_old - m_use);
-                s.alpha[r] = alpha;
-                s.l[r] = s.l[r] * alpha + sum;
-                s.m[r] = m_new;
-            }
-        }
-        __syncthreads();
-
-        // P.V for this thread's 8 output dims of its rows.
-#pragma unroll
-        for (int i = 0; i < RPT; ++i) {
-            const int r = pv_group + i * T::RSPLIT;
-            if (r < ROWS) {
-                const float alpha = s.alpha[r];
-#pragma unroll
-                for (int e = 0; e < 8; ++e) acc[i][e] *= alpha;
-            }
-        }
-#pragma unroll 4
-        for (int n = 0; n < T::KEYS; ++n) {
-            float vf[8];
-            bf16x8_to_f32(*reinterpret_cast<const uint4*>(&s.v[stage][n][pv_vec * 8]), vf);
-#pragma unroll
-            for (int i = 0; i < RPT; ++i) {
-                const int r = pv_group + i * T::RSPLIT;
-                if (r < ROWS) {
-                    const float pn = s.p[r][n];
-#pragma unroll
-                    for (int e = 0; e < 8; ++e) acc[i][e] = fmaf(pn, vf[e], acc[i][e]);
-                }
-            }
-        }
-    }
-
-    // m and l were last written before the final barrier of the loop.
-#pragma unroll
-    for (int i = 0; i < RPT; ++i) {
-        const int r = pv_group + i * T::RSPLIT;
-        const int rg = row0 + r;
-        if (r >= ROWS || rg >= p.rows_total) continue;
-        const int t = rg / p.group;
-        const int hq = hkv * p.group + rg % p.group;
-        const float l = s.l[r];
-        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-        const float row_lse = l > 0.0f ? s.m[r] + logf(l) : neg_inf();
-        float o[8];
-#pragma unroll
-        for (int e = 0; e < 8; ++e) o[e] = acc[i][e] * inv;
-        const i64 row = ((i64)b * p.tq + t) * p.hq + hq;
-        if (p.part_o == nullptr) {
-            bf16_t* dst = p.out + (i64)b * p.out_stride_batch + (i64)t * p.out_stride_token +
-                          (i64)hq * p.out_stride_head + pv_vec * 8;
-            store_u128(dst, f32_to_bf16x8(o));
-            if (p.lse != nullptr && pv_vec == 0) p.lse[row] = row_lse;
-        } else {
-            float* dst = p.part_o + (row * p.num_splits + split) * D + pv_vec * 8;
-            *reinterpret_cast<float4*>(dst) = make_float4(o[0], o[1], o[2], o[3]);
-            *reinterpret_cast<float4*>(dst + 4) = make_float4(o[4], o[5], o[6], o[7]);
-            if (pv_vec == 0) p.part_lse[row * p.num_splits + split] = row_lse;
-        }
-    }
-}
-
-// Flash decode on tensor cores, for group × Tq <= 16 rows (the common decode shapes).
+// Flash decode on tensor cores.
 //
-// One CTA handles one (sequence, KV head) = blockIdx.x and one split = blockIdx.y; its STREAMS streams of
-// SLICES warps each work independently on different keys: stream s takes the 16-key tiles s, s + STREAMS,
-// ... of the split into its own STAGES-deep ring, and keeps its own online-softmax state and output
+// One CTA handles one (sequence, KV head, chunk of 16 rows) = blockIdx.x and one split = blockIdx.y (rows
+// = token * group + head_in_group); its STREAMS streams of SLICES warps each work independently on
+// different keys: stream s takes the 16-key tiles s, s + STREAMS, ... of the split into its own STAGES-deep ring, and keeps its own online-softmax state and output
 // accumulator in registers. With SLICES > 1 (D = 512, whose full accumulator would not fit in registers)
 // every warp of a stream computes the same scores of the tile (the same instructions on the same data, so
 // bitwise the same m and l) and P V for its D / SLICES output dims.
@@ -369,7 +81,7 @@ __global__ void __launch_bounds__(DECODE_THREADS, 1) flash_decode_kernel(const D
 // Per tile, as in prefill: S = Q K^T (the rows padded to M = 16, Q from shared memory by ldmatrix) and
 // O += P V run as mma.sync m16n8k16 (bf16 in, fp32 accumulators), P re-packed as bf16 A fragments. At
 // the end the streams' (m, l, O) are merged through shared memory (reusing the rings) and the split's
-// rows written as by flash_decode_kernel.
+// rows written: the output (or, with splits, fp32 partials and lse for the combine).
 template <int D> struct DecodeMma {
     static constexpr int WARPS = D >= 256 ? 2 : 4;
     static constexpr int SLICES = D >= 512 ? 2 : 1;  // warps per stream, each owning D / SLICES output dims
@@ -437,8 +149,14 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1) flash_decode_mma_ker
     };
     const int g = lane >> 2, c = lane & 3;
     const int split = blockIdx.y;
-    const int hkv = blockIdx.x % p.hkv;
-    const int b = blockIdx.x / p.hkv;
+    int unit = blockIdx.x;
+    const int row_chunk = unit % p.row_chunks;
+    unit /= p.row_chunks;
+    const int hkv = unit % p.hkv;
+    const int b = unit / p.hkv;
+    // This CTA's rows: [row0, row0 + rows) of the rows_total = group * tq of its (sequence, KV head).
+    const int row0 = row_chunk * 16;
+    const int rows = min(16, p.rows_total - row0);
 
     if (tid < T::STREAMS * S) {
         mbar_init(&s.bar[tid / S][tid % S], 1);
@@ -450,9 +168,9 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1) flash_decode_mma_ker
     // while the sequence length is read.
     for (int i = tid; i < 16 * VECS; i += T::THREADS) {
         const int r = i / VECS, vec = i % VECS;
-        const bool valid = r < p.rows_total;
-        const int t = valid ? r / p.group : 0;
-        const int hq = hkv * p.group + (valid ? r % p.group : 0);
+        const bool valid = r < rows;
+        const int t = valid ? (row0 + r) / p.group : 0;
+        const int hq = hkv * p.group + (valid ? (row0 + r) % p.group : 0);
         cp_async_16(&s.q[r][vec * 8],
                     p.q + (i64)b * p.q_stride_batch + (i64)t * p.q_stride_token + (i64)hq * p.q_stride_head + vec * 8,
                     valid);
@@ -466,10 +184,11 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1) flash_decode_mma_ker
 
     if (begin >= end) {
         cp_async_wait<0>();
-        // As in flash_decode_kernel: an empty split reports lse = -inf and zeros; without splits the rows
-        // are final.
-        if (p.part_o != nullptr) zero_partials(p, b, hkv, 0, p.rows_total, split, D);
-        for (int r = tid; r < p.rows_total; r += T::THREADS) {
+        // Nothing visible here: an empty split reports lse = -inf and a zero partial output (the combine
+        // reads every split and gives this one weight 0); without splits the rows are final: zeros and
+        // lse = -inf.
+        if (p.part_o != nullptr) zero_partials(p, b, hkv, row0, rows, split, D);
+        for (int r = row0 + tid; r < row0 + rows; r += T::THREADS) {
             const int hq = hkv * p.group + r % p.group;
             const i64 row = ((i64)b * p.tq + r / p.group) * p.hq + hq;
             if (p.part_o != nullptr) {
@@ -479,8 +198,8 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1) flash_decode_mma_ker
             }
         }
         if (p.part_o == nullptr) {
-            for (int i = tid; i < p.rows_total * VECS; i += T::THREADS) {
-                const int r = i / VECS, vec = i % VECS;
+            for (int i = tid; i < rows * VECS; i += T::THREADS) {
+                const int r = row0 + i / VECS, vec = i % VECS;
                 const int hq = hkv * p.group + r % p.group;
                 store_u128(p.out + (i64)b * p.out_stride_batch + (i64)(r / p.group) * p.out_stride_token +
                                (i64)hq * p.out_stride_head + vec * 8,
@@ -533,7 +252,7 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1) flash_decode_mma_ker
     float l_row[2] = {0.0f, 0.0f};
     int pos_row[2];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) pos_row[h] = len - p.tq + (g + 8 * h) / p.group;
+    for (int h = 0; h < 2; ++h) pos_row[h] = len - p.tq + (row0 + g + 8 * h) / p.group;
     const float scale_log2 = p.scale * LOG2E;
     // Keys every row may see: [begin, end) clipped by causality (first row's position) and the window (last
     // row's position). A tile inside it needs no per-element mask.
@@ -587,7 +306,7 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1) flash_decode_mma_ker
                     x = p.softcap > 0.0f ? softcap_logit(x * p.scale, p.softcap) * LOG2E : x * scale_log2;
                     if (!full) {
                         const int j = start + n * 8 + 2 * c + e;
-                        const bool visible = r < p.rows_total && j < end && (!p.causal || j <= pos) &&
+                        const bool visible = r < rows && j < end && (!p.causal || j <= pos) &&
                                              (p.window <= 0 || j > pos - p.window);
                         x = visible ? x : neg_inf();
                     }
@@ -666,7 +385,7 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1) flash_decode_mma_ker
 
     // out = sum_w O_w 2^(m_w - M) / sum_w l_w 2^(m_w - M) over the streams w, M = max_w m_w (log2 units);
     // one thread per (row, 8 dims).
-    for (int i = tid; i < p.rows_total * VECS; i += T::THREADS) {
+    for (int i = tid; i < rows * VECS; i += T::THREADS) {
         const int r = i / VECS, vec = i % VECS;
         float mx = neg_inf();
 #pragma unroll
@@ -696,8 +415,8 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1) flash_decode_mma_ker
         float out[8];
 #pragma unroll
         for (int e = 0; e < 8; ++e) out[e] = acc[e] * inv;
-        const int t = r / p.group;
-        const int hq = hkv * p.group + r % p.group;
+        const int t = (row0 + r) / p.group;
+        const int hq = hkv * p.group + (row0 + r) % p.group;
         const i64 row = ((i64)b * p.tq + t) * p.hq + hq;
         if (p.part_o == nullptr) {
             store_u128(p.out + (i64)b * p.out_stride_batch + (i64)t * p.out_stride_token + (i64)hq * p.out_stride_head +

@@ -13,22 +13,7 @@ use std::ffi::{c_void, CStr};
 use std::ptr::{null, null_mut};
 
 fn case(q_len: usize, hq: usize, hkv: usize, d: usize, lens: &[i32], max: usize) -> DecodeCase {
-    DecodeCase {
-        q_len,
-        num_q_heads: hq,
-        num_kv_heads: hkv,
-        head_dim: d,
-        lens: lens.to_vec(),
-        max_seq_len: max,
-        window: None,
-        causal: true,
-        scale: 1.0 / (d as f32).sqrt(),
-        softcap: None,
-        layout: Layout::TokenMajor { pad: 0 },
-        lse: true,
-        act_pad: 0,
-        prefill: false,
-    }
+    DecodeCase { max_seq_len: max, ..DecodeCase::new(q_len, hq, hkv, d, lens) }
 }
 
 /// Every output element of the reference within one bf16 rounding of the naive f64 value, and lse close.

@@ -35,23 +35,7 @@ fn at_lens(mut c: DecodeCase, lens: &[i32]) -> DecodeCase {
 }
 
 fn base(q_len: usize, hq: usize, hkv: usize, d: usize) -> DecodeCase {
-    let lens: &[i32] = if small() { &SMALL_LENS } else { &LENS };
-    DecodeCase {
-        q_len,
-        num_q_heads: hq,
-        num_kv_heads: hkv,
-        head_dim: d,
-        lens: lens.to_vec(),
-        max_seq_len: lens.iter().copied().max().unwrap_or(0) as usize,
-        window: None,
-        causal: true,
-        scale: 1.0 / (d as f32).sqrt(),
-        softcap: None,
-        layout: Layout::TokenMajor { pad: 0 },
-        lse: true,
-        act_pad: 0,
-        prefill: false,
-    }
+    DecodeCase::new(q_len, hq, hkv, d, if small() { &SMALL_LENS } else { &LENS })
 }
 
 struct Gpu {

@@ -43,6 +43,27 @@ pub struct DecodeCase {
 }
 
 impl DecodeCase {
+    /// A decode case with the common defaults: causal, scale 1/√d, no window or softcap, a token-major
+    /// cache holding exactly the longest length, lse requested, no activation padding.
+    pub fn new(q_len: usize, num_q_heads: usize, num_kv_heads: usize, head_dim: usize, lens: &[i32]) -> Self {
+        DecodeCase {
+            q_len,
+            num_q_heads,
+            num_kv_heads,
+            head_dim,
+            lens: lens.to_vec(),
+            max_seq_len: lens.iter().copied().max().unwrap_or(0) as usize,
+            window: None,
+            causal: true,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            softcap: None,
+            layout: Layout::TokenMajor { pad: 0 },
+            lse: true,
+            act_pad: 0,
+            prefill: false,
+        }
+    }
+
     /// A one-line description for failure messages.
     pub fn describe(&self) -> String {
         format!(

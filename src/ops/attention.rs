@@ -13,7 +13,9 @@
 
 use super::{check_dim, check_ptr, overlaps, Backend, Context, Stream};
 use crate::error::{Error, Result};
+use crate::kernel_name;
 use crate::reference::{self, attention as refattn, bf16};
+use crate::runtime::name::KernelName;
 use crate::runtime::sources::KernelSource;
 
 pub static DECODE_SOURCE: KernelSource = KernelSource {
@@ -106,21 +108,21 @@ pub fn decode_mma_shared_bytes(d: usize) -> usize {
     bytes.div_ceil(8) * 8
 }
 
-fn decode_mma_name(d: usize) -> String {
-    format!("flash_decode_mma_kernel<{d}>")
+fn decode_mma_name(d: usize) -> KernelName {
+    kernel_name!("flash_decode_mma_kernel<{d}>")
 }
 
-fn combine_name(d: usize) -> String {
-    format!("attention_combine_kernel<{d}>")
+fn combine_name(d: usize) -> KernelName {
+    kernel_name!("attention_combine_kernel<{d}>")
 }
 
 fn decode_instantiations() -> Vec<String> {
     let mut names = Vec::new();
     for d in HEAD_DIMS {
-        names.push(decode_mma_name(d));
-        names.push(combine_name(d));
+        names.push(decode_mma_name(d).to_string());
+        names.push(combine_name(d).to_string());
     }
-    names.extend(PREFILL_HEAD_DIMS.iter().map(|&d| prefill_name(d)));
+    names.extend(PREFILL_HEAD_DIMS.iter().map(|&d| prefill_name(d).to_string()));
     names
 }
 
@@ -140,8 +142,8 @@ fn prefill_m(d: usize) -> usize {
     }
 }
 
-fn prefill_name(d: usize) -> String {
-    format!("attention_prefill_kernel<{d}>")
+fn prefill_name(d: usize) -> KernelName {
+    kernel_name!("attention_prefill_kernel<{d}>")
 }
 
 /// `sizeof(PrefillShared<D>)`: Q, one K and one V tile, rows padded by 8 elements.

@@ -2,7 +2,9 @@
 
 use super::{check_dim, check_ptr, Backend, Context, Matrix, MatrixMut, Stream};
 use crate::error::{Error, Result};
+use crate::kernel_name;
 use crate::reference;
+use crate::runtime::name::KernelName;
 use crate::runtime::sources::KernelSource;
 
 pub static SOURCE: KernelSource = KernelSource {
@@ -47,8 +49,8 @@ impl OutType {
     }
 }
 
-fn name_expr(m: usize, weights_static: bool, out: OutType) -> String {
-    format!("gemv_kernel<{m}, {}, {weights_static}, {}>", rows_per_warp(m), out.cuda_name())
+fn name_expr(m: usize, weights_static: bool, out: OutType) -> KernelName {
+    kernel_name!("gemv_kernel<{m}, {}, {weights_static}, {}>", rows_per_warp(m), out.cuda_name())
 }
 
 fn instantiations() -> Vec<String> {
@@ -56,7 +58,7 @@ fn instantiations() -> Vec<String> {
     for m in 1..=MAX_M as usize {
         for weights_static in [false, true] {
             for out in [OutType::Bf16, OutType::F32] {
-                names.push(name_expr(m, weights_static, out));
+                names.push(name_expr(m, weights_static, out).to_string());
             }
         }
     }

@@ -136,3 +136,19 @@ pub(crate) fn check_dim(name: &str, value: i64, max: i64) -> Result<usize> {
 pub(crate) fn overlaps(a: u64, a_len: u64, b: u64, b_len: u64) -> bool {
     a < b.saturating_add(b_len) && b < a.saturating_add(a_len)
 }
+
+#[cfg(test)]
+mod name_tests {
+    use crate::runtime::name::KernelName;
+
+    /// Every name an op formats at launch (its instantiation list holds the same names) fits the stack
+    /// buffer, so no launch looks up a cut name.
+    #[test]
+    fn every_instantiation_name_fits_a_kernel_name() {
+        for source in super::all_kernel_sources() {
+            for name in (source.instantiations)() {
+                assert!(KernelName::fits(format_args!("{name}")), "{}: {name}", source.name);
+            }
+        }
+    }
+}

@@ -6,7 +6,9 @@
 
 use super::{check_dim, check_ptr, Backend, Context, Matrix, Stream};
 use crate::error::{Error, Result};
+use crate::kernel_name;
 use crate::reference::moe::{self as refmoe, Activation, FfnWeights, RouterTransform, Scoring, TopkConfig};
+use crate::runtime::name::KernelName;
 use crate::runtime::sources::KernelSource;
 use crate::runtime::Device;
 
@@ -56,13 +58,16 @@ fn token_tile(tokens: usize) -> usize {
     tokens.min(16).next_power_of_two()
 }
 
-fn router_name(mt: usize, transform: bool) -> String {
-    format!("router_gemm_kernel<{mt}, {transform}>")
+fn router_name(mt: usize, transform: bool) -> KernelName {
+    kernel_name!("router_gemm_kernel<{mt}, {transform}>")
 }
 
 fn router_instantiations() -> Vec<String> {
-    let mut v: Vec<String> =
-        TOKEN_TILES.iter().flat_map(|&mt| [router_name(mt, false), router_name(mt, true)]).collect();
+    let mut v: Vec<String> = TOKEN_TILES
+        .iter()
+        .flat_map(|&mt| [router_name(mt, false), router_name(mt, true)])
+        .map(|n| n.to_string())
+        .collect();
     v.push("topk_router_kernel".into());
     v.push("expert_index_kernel".into());
     v
@@ -75,12 +80,12 @@ fn act_code(a: Activation) -> i32 {
     }
 }
 
-fn gate_up_name(act: Activation, mt: usize) -> String {
-    format!("expert_gate_up_kernel<{}, {mt}>", act_code(act))
+fn gate_up_name(act: Activation, mt: usize) -> KernelName {
+    kernel_name!("expert_gate_up_kernel<{}, {mt}>", act_code(act))
 }
 
-fn grouped_gate_up_name(act: Activation) -> String {
-    format!("grouped_gate_up_kernel<{}>", act_code(act))
+fn grouped_gate_up_name(act: Activation) -> KernelName {
+    kernel_name!("grouped_gate_up_kernel<{}>", act_code(act))
 }
 
 /// Above this many tokens the gate/up projection runs as a grouped GEMM on tensor cores.
@@ -93,10 +98,10 @@ const GG_THREADS: usize = 128;
 fn ffn_instantiations() -> Vec<String> {
     let mut v: Vec<String> = [Activation::Silu, Activation::GeluTanh]
         .iter()
-        .flat_map(|&a| GATE_UP_TILES.iter().map(move |&mt| gate_up_name(a, mt)))
+        .flat_map(|&a| GATE_UP_TILES.iter().map(move |&mt| gate_up_name(a, mt).to_string()))
         .collect();
     v.push("expert_down_kernel".into());
-    v.extend([Activation::Silu, Activation::GeluTanh].map(grouped_gate_up_name));
+    v.extend([Activation::Silu, Activation::GeluTanh].map(|a| grouped_gate_up_name(a).to_string()));
     v
 }
 

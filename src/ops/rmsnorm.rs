@@ -2,7 +2,9 @@
 
 use super::{check_dim, check_ptr, Backend, Context, Matrix, MatrixMut, Stream};
 use crate::error::{Error, Result};
+use crate::kernel_name;
 use crate::reference::{self, rmsnorm::WeightStyle};
+use crate::runtime::name::KernelName;
 use crate::runtime::sources::KernelSource;
 
 pub static SOURCE: KernelSource = KernelSource {
@@ -17,12 +19,15 @@ pub const MAX_DIM: i64 = 16384;
 const MAX_THREADS: usize = 256;
 const MAX_VECTORS_PER_THREAD: usize = 8;
 
-fn name_expr(vectors_per_thread: usize, residual: bool) -> String {
-    format!("rmsnorm_kernel<{vectors_per_thread}, {residual}>")
+fn name_expr(vectors_per_thread: usize, residual: bool) -> KernelName {
+    kernel_name!("rmsnorm_kernel<{vectors_per_thread}, {residual}>")
 }
 
 fn instantiations() -> Vec<String> {
-    (1..=MAX_VECTORS_PER_THREAD).flat_map(|v| [name_expr(v, false), name_expr(v, true)]).collect()
+    (1..=MAX_VECTORS_PER_THREAD)
+        .flat_map(|v| [name_expr(v, false), name_expr(v, true)])
+        .map(|n| n.to_string())
+        .collect()
 }
 
 /// Arguments of [`rmsnorm`]: addresses in the context's memory, strides in elements (0 = dense).

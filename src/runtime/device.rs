@@ -10,6 +10,7 @@ use cudarc::driver::{CudaContext, CudaModule};
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// What `sparkinfer info` and `sparkinfer_context_device_info` report.
@@ -37,6 +38,8 @@ pub struct Kernel {
     _module: Arc<CudaModule>,
     func: sys::CUfunction,
     pub lowered_name: String,
+    /// The dynamic shared memory limit set on the function so far (0: the default 48 KiB).
+    max_dynamic_shared: AtomicU32,
 }
 
 // The CUfunction handle is immutable once loaded and valid on any thread of the context.
@@ -44,8 +47,12 @@ unsafe impl Send for Kernel {}
 unsafe impl Sync for Kernel {}
 
 impl Kernel {
-    /// Lets the kernel use more than 48 KiB of dynamic shared memory.
+    /// Lets the kernel use more than 48 KiB of dynamic shared memory. Ops call it before every launch; the
+    /// driver is called only when the limit grows (once per kernel in practice).
     pub fn set_max_dynamic_shared(&self, bytes: u32) -> Result<()> {
+        if bytes <= self.max_dynamic_shared.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let rc = unsafe {
             sys::cuFuncSetAttribute(
                 self.func,
@@ -53,7 +60,9 @@ impl Kernel {
                 bytes as i32,
             )
         };
-        rc.result().during("cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)")
+        rc.result().during("cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)")?;
+        self.max_dynamic_shared.fetch_max(bytes, Ordering::AcqRel);
+        Ok(())
     }
 }
 
@@ -187,7 +196,7 @@ impl Device {
         let m =
             self.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(module.cubin.clone())).during("cuModuleLoadData")?;
         let f = m.load_function(&lowered).during("cuModuleGetFunction")?;
-        Ok(Kernel { func: f.cu_function(), _module: m, lowered_name: lowered })
+        Ok(Kernel { func: f.cu_function(), _module: m, lowered_name: lowered, max_dynamic_shared: AtomicU32::new(0) })
     }
 
     /// Launches `kernel` on the caller's stream. `args` points at each kernel argument in order.

@@ -7,6 +7,7 @@ pub mod device;
 pub mod graph;
 pub mod jit;
 pub mod libs;
+pub mod name;
 pub mod sources;
 
 pub use device::{Device, DeviceInfo, Kernel};

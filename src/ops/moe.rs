@@ -127,9 +127,12 @@ fn vector(name: &str, ptr: u64, elems: usize, elem_bytes: usize, align: u64) -> 
     Matrix::new(name, ptr, 1, elems, 0, elem_bytes, 1)
 }
 
-fn check_distinct(outputs: &[(&str, &Matrix)], inputs: &[(&str, &Matrix)]) -> Result<()> {
+/// A buffer of an op with the argument name that error messages use.
+type Named<'a> = (&'static str, &'a Matrix);
+
+fn check_distinct<'a>(outputs: &[Named<'a>], inputs: impl IntoIterator<Item = Named<'a>> + Clone) -> Result<()> {
     for (i, (name, m)) in outputs.iter().enumerate() {
-        for (other, o) in outputs[i + 1..].iter().chain(inputs) {
+        for (other, o) in outputs[i + 1..].iter().copied().chain(inputs.clone()) {
             if m.overlaps(o) {
                 return Err(Error::invalid(format!("{name}: overlaps {other}")));
             }
@@ -138,8 +141,8 @@ fn check_distinct(outputs: &[(&str, &Matrix)], inputs: &[(&str, &Matrix)]) -> Re
     Ok(())
 }
 
-fn check_all_on_device(device: &Device, ms: &[(&str, &Matrix)]) -> Result<()> {
-    ms.iter().try_for_each(|(name, m)| m.check_on_device(device, name))
+fn check_all_on_device<'a>(device: &Device, ms: impl IntoIterator<Item = Named<'a>>) -> Result<()> {
+    ms.into_iter().try_for_each(|(name, m)| m.check_on_device(device, name))
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -203,11 +206,8 @@ fn validate_router(a: &RouterGemmArgs) -> Result<RouterChecked> {
         }
         Some(vector("input_scale", a.input_scale, h, 2, 16)?)
     };
-    let mut inputs = vec![("x", &x), ("weight", &weight)];
-    if let Some(s) = &scale {
-        inputs.push(("input_scale", s));
-    }
-    check_distinct(&[("logits", &logits)], &inputs)?;
+    let inputs = [("x", &x), ("weight", &weight)].into_iter().chain(scale.as_ref().map(|s| ("input_scale", s)));
+    check_distinct(&[("logits", &logits)], inputs)?;
     Ok(RouterChecked { x, weight, scale, logits, eps: a.eps })
 }
 
@@ -257,11 +257,11 @@ pub unsafe fn router_gemm(ctx: &Context, a: &RouterGemmArgs, stream: Stream) -> 
             Ok(())
         }
         Backend::Cuda(device) => {
-            let mut ms = vec![("x", &c.x), ("weight", &c.weight), ("logits", &c.logits)];
-            if let Some(s) = &c.scale {
-                ms.push(("input_scale", s));
-            }
-            check_all_on_device(device, &ms)?;
+            let scale = c.scale.as_ref().map(|s| ("input_scale", s));
+            check_all_on_device(
+                device,
+                [("x", &c.x), ("weight", &c.weight), ("logits", &c.logits)].into_iter().chain(scale),
+            )?;
             launch_router(device, &c, stream)
         }
     }
@@ -326,10 +326,7 @@ fn validate_topk(a: &TopkArgs) -> Result<TopkChecked> {
     let counts = vector("expert_counts", a.expert_counts, e, 4, 4)?;
     let offsets = vector("expert_offsets", a.expert_offsets, e + 1, 4, 4)?;
     let sorted = vector("sorted_slots", a.sorted_slots, t * k, 4, 4)?;
-    let mut inputs = vec![("logits", &logits)];
-    if let Some(s) = &scale {
-        inputs.push(("expert_scale", s));
-    }
+    let inputs = [("logits", &logits)].into_iter().chain(scale.as_ref().map(|s| ("expert_scale", s)));
     check_distinct(
         &[
             ("topk_ids", &ids),
@@ -338,7 +335,7 @@ fn validate_topk(a: &TopkArgs) -> Result<TopkChecked> {
             ("expert_offsets", &offsets),
             ("sorted_slots", &sorted),
         ],
-        &inputs,
+        inputs,
     )?;
     Ok(TopkChecked {
         logits,
@@ -431,7 +428,7 @@ pub unsafe fn topk_router(ctx: &Context, a: &TopkArgs, stream: Stream) -> Result
             Ok(())
         }
         Backend::Cuda(device) => {
-            let mut ms = vec![
+            let ms = [
                 ("logits", &c.logits),
                 ("topk_ids", &c.ids),
                 ("topk_weights", &c.weights),
@@ -439,10 +436,7 @@ pub unsafe fn topk_router(ctx: &Context, a: &TopkArgs, stream: Stream) -> Result
                 ("expert_offsets", &c.offsets),
                 ("sorted_slots", &c.sorted),
             ];
-            if let Some(s) = &c.scale {
-                ms.push(("expert_scale", s));
-            }
-            check_all_on_device(device, &ms)?;
+            check_all_on_device(device, ms.into_iter().chain(c.scale.as_ref().map(|s| ("expert_scale", s))))?;
             launch_topk(device, &c, stream)
         }
     }
@@ -569,8 +563,32 @@ struct FfnChecked {
     act: Activation,
     routed: Option<RoutedChecked>,
     dense: Option<DenseChecked>,
-    workspace: u64,
+    /// The workspace: a byte vector of layout.total bytes (at least 1).
+    ws: Matrix,
     layout: FfnLayout,
+}
+
+impl FfnChecked {
+    /// Every buffer the FFN reads or uses as scratch (all but `out`); the routing arrays only when the
+    /// caller passed them (`routing`).
+    fn inputs(&self, routing: bool) -> impl Iterator<Item = Named<'_>> + Clone {
+        let r = self.routed.as_ref();
+        let d = self.dense.as_ref();
+        let routing_arrays = r.filter(|_| routing).map(|r| {
+            [
+                ("topk_ids", &r.ids),
+                ("topk_weights", &r.weights),
+                ("expert_offsets", &r.offsets),
+                ("sorted_slots", &r.sorted),
+            ]
+        });
+        [("x", &self.x), ("workspace", &self.ws)]
+            .into_iter()
+            .chain(r.map(|r| [("gate_up", &r.gate_up), ("down", &r.down)]).into_iter().flatten())
+            .chain(routing_arrays.into_iter().flatten())
+            .chain(d.map(|d| [("dense_gate_up", &d.gate_up), ("dense_down", &d.down)]).into_iter().flatten())
+            .chain(d.and_then(|d| d.gate.as_ref()).map(|g| ("dense_gate_weight", g)))
+    }
 }
 
 fn check_inter(name: &str, inter: i64) -> Result<usize> {
@@ -639,66 +657,24 @@ fn validate_ffn(a: &ExpertFfnArgs, routing: bool, regions: &mut Regions) -> Resu
         )));
     }
     let ws = vector("workspace", a.workspace, layout.total.max(1), 1, 1)?;
-    let mut inputs: Vec<(&str, &Matrix)> = vec![("x", &x), ("workspace", &ws)];
-    if let Some(r) = &routed {
-        inputs.extend([("gate_up", &r.gate_up), ("down", &r.down)]);
-        if routing {
-            inputs.extend([
-                ("topk_ids", &r.ids),
-                ("topk_weights", &r.weights),
-                ("expert_offsets", &r.offsets),
-                ("sorted_slots", &r.sorted),
-            ]);
-        }
-    }
-    if let Some(d) = &dense {
-        inputs.extend([("dense_gate_up", &d.gate_up), ("dense_down", &d.down)]);
-        if let Some(g) = &d.gate {
-            inputs.push(("dense_gate_weight", g));
-        }
-    }
-    check_distinct(&[("out", &out)], &inputs)?;
+    let c = FfnChecked { x, out, accumulate: a.accumulate, act: a.activation, routed, dense, ws, layout };
+    check_distinct(&[("out", &c.out)], c.inputs(routing))?;
     if routing {
-        if let Some(r) = &routed {
+        if let Some(r) = &c.routed {
             check_distinct(
-                &[("workspace", &ws)],
-                &[("topk_ids", &r.ids), ("topk_weights", &r.weights), ("sorted_slots", &r.sorted)],
+                &[("workspace", &c.ws)],
+                [("topk_ids", &r.ids), ("topk_weights", &r.weights), ("sorted_slots", &r.sorted)],
             )?;
         }
     }
-    Ok(FfnChecked {
-        x,
-        out,
-        accumulate: a.accumulate,
-        act: a.activation,
-        routed,
-        dense,
-        workspace: a.workspace,
-        layout,
-    })
+    Ok(c)
 }
 
 fn ffn_device_check(device: &Device, c: &FfnChecked, routing: bool) -> Result<()> {
-    let ws = Matrix { ptr: c.workspace, rows: 1, cols: c.layout.total.max(1), row_stride: 0, elem_bytes: 1 };
-    let mut ms = vec![("x", &c.x), ("out", &c.out), ("workspace", &ws)];
-    if let Some(r) = &c.routed {
-        ms.extend([("gate_up", &r.gate_up), ("down", &r.down)]);
-        if routing {
-            ms.extend([
-                ("topk_ids", &r.ids),
-                ("topk_weights", &r.weights),
-                ("expert_offsets", &r.offsets),
-                ("sorted_slots", &r.sorted),
-            ]);
-        }
-    }
-    if let Some(d) = &c.dense {
-        ms.extend([("dense_gate_up", &d.gate_up), ("dense_down", &d.down)]);
-        if let Some(g) = &d.gate {
-            ms.push(("dense_gate_weight", g));
-        }
-    }
-    check_all_on_device(device, &ms)
+    // x, out, then the rest: the order in which a bad buffer is named.
+    let mut inputs = c.inputs(routing);
+    let x = inputs.next();
+    check_all_on_device(device, x.into_iter().chain([("out", &c.out)]).chain(inputs))
 }
 
 /// # Safety
@@ -706,7 +682,7 @@ fn ffn_device_check(device: &Device, c: &FfnChecked, routing: bool) -> Result<()
 unsafe fn launch_ffn(device: &Device, c: &FfnChecked, stream: Stream) -> Result<()> {
     let tokens = c.x.rows;
     let hidden = c.x.cols;
-    let ws = c.workspace;
+    let ws = c.ws.ptr;
     let (r_inter, r_top_k, num_slots) = c.routed.as_ref().map_or((0, 0, 0), |r| (r.inter, r.top_k, tokens * r.top_k));
     let d_inter = c.dense.as_ref().map_or(0, |d| d.inter);
     let mt = token_tile(tokens).min(8);
@@ -1048,14 +1024,11 @@ pub unsafe fn moe_forward(ctx: &Context, a: &MoeForwardArgs, stream: Stream) -> 
             Ok(())
         }
         Backend::Cuda(device) => {
-            let mut ms = vec![("router_weight", &router.weight)];
-            if let Some(s) = &router.scale {
-                ms.push(("router_input_scale", s));
-            }
-            if let Some(s) = &topk.scale {
-                ms.push(("expert_scale", s));
-            }
-            check_all_on_device(device, &ms)?;
+            let ms = [("router_weight", &router.weight)]
+                .into_iter()
+                .chain(router.scale.as_ref().map(|s| ("router_input_scale", s)))
+                .chain(topk.scale.as_ref().map(|s| ("expert_scale", s)));
+            check_all_on_device(device, ms)?;
             ffn_device_check(device, &ffn, false)?;
             launch_router(device, &router, stream)?;
             launch_topk(device, &topk, stream)?;

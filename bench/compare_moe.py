@@ -60,7 +60,7 @@ GEMMA4 = ("gemma4", 2816, 128, 8, 704, 2112, True)
 def declare(lib):
     lib.sparkinfer_last_error.restype = ctypes.c_char_p
     lib.sparkinfer_context_create.argtypes = [ctypes.c_int32, ctypes.POINTER(ctypes.c_void_p)]
-    lib.sparkinfer_moe_forward_workspace_size.argtypes = [ctypes.c_int64] * 5 + [ctypes.POINTER(ctypes.c_size_t)]
+    lib.sparkinfer_moe_forward_workspace_size.argtypes = [ctypes.c_int64] * 6 + [ctypes.POINTER(ctypes.c_size_t)]
     lib.sparkinfer_moe_forward.argtypes = [
         ctypes.c_void_p,
         ctypes.POINTER(MoeForwardParams),
@@ -171,7 +171,7 @@ def run(lib, ctx):
             xs = [torch.randn(tokens, block.h, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(16)]
             out = torch.empty(tokens, block.h, device="cuda", dtype=torch.bfloat16)
             size = ctypes.c_size_t()
-            check(lib, lib.sparkinfer_moe_forward_workspace_size(tokens, block.e, block.k, block.i, block.di,
+            check(lib, lib.sparkinfer_moe_forward_workspace_size(tokens, block.h, block.e, block.k, block.i, block.di,
                                                                  ctypes.byref(size)), "workspace size")
             workspace = torch.empty(size.value, device="cuda", dtype=torch.uint8)
             params = [block.params(x, out) for x in xs]

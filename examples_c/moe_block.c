@@ -131,8 +131,8 @@ static struct placed place(const struct sparkinfer_context* ctx, const struct bl
         CHECK(sparkinfer_memcpy(ctx, p.t[i], tensor_of(b, i), bytes_of(b, i)));
     }
     CHECK(sparkinfer_malloc(ctx, bytes_of(b, 0), &p.out));
-    CHECK(sparkinfer_moe_forward_workspace_size(b->tokens, b->s.experts, b->s.top_k, b->s.inter, b->s.dense_inter,
-                                                &p.workspace_bytes));
+    CHECK(sparkinfer_moe_forward_workspace_size(b->tokens, b->s.hidden, b->s.experts, b->s.top_k, b->s.inter,
+                                                b->s.dense_inter, &p.workspace_bytes));
     CHECK(sparkinfer_malloc(ctx, p.workspace_bytes, &p.workspace));
     return p;
 }

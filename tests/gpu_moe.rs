@@ -7,7 +7,8 @@
 //! With SPARKINFER_TEST_SMALL set (compute-sanitizer runs, where kernels are 10–100× slower) each test keeps
 //! one token count per kernel variant and path: router token tiles 1, 2, 4, 8, 16 with and without the
 //! input transform, the fused and the separate expert index (T ≤ 16, T ≥ 17), the decode gate/up tiles
-//! and the grouped tensor-core gate/up (T ≥ 33, also with several tiles per expert), both down-kernel grids.
+//! and the grouped tensor-core gate/up and down with the combine (T ≥ 33, also with several tiles per
+//! expert), the decode down kernel (T ≤ 32).
 //! The model shapes keep their hidden and intermediate sizes, so every loop trip count and tile tail is as
 //! at full size, but hold fewer experts: generating and uploading hundreds of MiB of expert weights per case
 //! would dominate the run, while the f64 oracle's cost per token does not depend on the expert count.
@@ -76,7 +77,7 @@ fn block_matches_reference_at_model_shapes() {
     let ctx = gpu();
     let s = OwnedStream::new(&ctx);
     let seed = Rng::fresh_seed();
-    // Small mode: 512 and 4096 tokens take the same paths as 33 (grouped gate/up, several down-kernel rows).
+    // Small mode: 512 and 4096 tokens take the same path as 33 (grouped gate/up and down, the combine).
     let token_counts: &[usize] = if small() { &[1, 2, 7, 16, 17, 33] } else { &[1, 2, 7, 16, 17, 64, 512, 4096] };
     for shape in shapes() {
         let mut rng = Rng::new(seed);
@@ -196,6 +197,7 @@ fn block_in_a_cuda_graph_follows_new_inputs() {
         let out_buf = TestBuffer::new(&ctx, tokens * h * 2).unwrap();
         let ws_bytes = ops::moe_forward_workspace_size(
             tokens as i64,
+            shape.hidden as i64,
             shape.experts as i64,
             shape.top_k as i64,
             shape.inter as i64,

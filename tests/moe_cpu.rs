@@ -219,7 +219,7 @@ impl SmallBlock {
     fn new() -> Self {
         let (t, h, e, k, i, di) = (3i64, 64i64, 8i64, 2i64, 16i64, 32i64);
         let mut ws = 0usize;
-        assert_eq!(sparkinfer_moe_forward_workspace_size(t, e, k, i, di, &mut ws), SPARKINFER_STATUS_SUCCESS);
+        assert_eq!(sparkinfer_moe_forward_workspace_size(t, h, e, k, i, di, &mut ws), SPARKINFER_STATUS_SUCCESS);
         let sizes =
             [t * h * 2, t * h * 2, e * h * 2, e * 2 * i * h * 2, e * h * i * 2, 2 * di * h * 2, h * di * 2, h * 2];
         let mut bufs: Vec<Host> = sizes.iter().map(|&b| Host::new(b as usize)).collect();
@@ -313,10 +313,10 @@ fn moe_forward_rejects_bad_input_naming_the_argument() {
     );
     expect_invalid(sparkinfer_moe_forward(ctx.0, null(), wsp, ws, null_mut()), "params");
     let mut bytes = 0usize;
-    expect_invalid(sparkinfer_moe_forward_workspace_size(1, 600, 8, 512, 0, &mut bytes), "experts");
-    expect_invalid(sparkinfer_moe_forward_workspace_size(1, 16, 17, 512, 0, &mut bytes), "top_k");
-    expect_invalid(sparkinfer_moe_forward_workspace_size(1, 16, 8, 500, 0, &mut bytes), "inter");
-    expect_invalid(sparkinfer_moe_forward_workspace_size(1, 16, 8, 512, 0, null_mut()), "bytes");
+    expect_invalid(sparkinfer_moe_forward_workspace_size(1, 64, 600, 8, 512, 0, &mut bytes), "experts");
+    expect_invalid(sparkinfer_moe_forward_workspace_size(1, 64, 16, 17, 512, 0, &mut bytes), "top_k");
+    expect_invalid(sparkinfer_moe_forward_workspace_size(1, 64, 16, 8, 500, 0, &mut bytes), "inter");
+    expect_invalid(sparkinfer_moe_forward_workspace_size(1, 64, 16, 8, 512, 0, null_mut()), "bytes");
 }
 
 #[test]
@@ -386,7 +386,7 @@ fn split_ops_reject_bad_input_and_match_the_block() {
 
     let mut fws = 0usize;
     assert_eq!(
-        sparkinfer_expert_ffn_workspace_size(q.tokens, q.top_k, q.inter, q.dense_inter, &mut fws),
+        sparkinfer_expert_ffn_workspace_size(q.tokens, q.hidden, q.top_k, q.inter, q.dense_inter, &mut fws),
         SPARKINFER_STATUS_SUCCESS
     );
     let mut ffn_ws = Host::new(fws);
@@ -493,7 +493,7 @@ fn cpp_wrapper_header_compiles() {
         "#include <sparkinfer/kernels/moe.h>\n\
          int main() {\n\
            size_t bytes = 0;\n\
-           return sparkinfer::kernels::moe_forward_workspace_size(1, 256, 8, 512, 512, &bytes) == \
+           return sparkinfer::kernels::moe_forward_workspace_size(1, 2048, 256, 8, 512, 512, &bytes) == \
          SPARKINFER_STATUS_SUCCESS && bytes > 0 ? 0 : 1;\n\
          }\n",
     )

@@ -523,8 +523,11 @@ enum sparkinfer_status sparkinfer_topk_router(const struct sparkinfer_context *c
 
 // Bytes of workspace sparkinfer_expert_ffn needs: `top_k` and `inter` 0 without routed experts,
 // `dense_inter` 0 without a dense FFN. With r(n) = n rounded up to 256:
-// `r(tokens·top_k·inter·2) + r(tokens·dense_inter·2) + r(tokens·4)`.
+// `r(tokens·top_k·inter·2) + r(tokens·dense_inter·2) + r(tokens·4) + r(R·hidden·4)`, where R is 0 for
+// tokens ≤ 32 and tokens·top_k (+ tokens with a dense FFN) above: the prefill path keeps the down
+// projection of every slot in fp32 until the top-k sum.
 enum sparkinfer_status sparkinfer_expert_ffn_workspace_size(int64_t tokens,
+                                                            int64_t hidden,
                                                             int64_t top_k,
                                                             int64_t inter,
                                                             int64_t dense_inter,
@@ -540,8 +543,10 @@ enum sparkinfer_status sparkinfer_expert_ffn(const struct sparkinfer_context *ct
 
 // Bytes of workspace sparkinfer_moe_forward needs (`dense_inter` 0 without a dense FFN). With r(n) = n
 // rounded up to 256 and S = tokens·top_k: `r(tokens·experts·4) + 3·r(S·4) + r(experts·4) +
-// r((experts+1)·4) + r(S·inter·2) + r(tokens·dense_inter·2) + r(tokens·4)`.
+// r((experts+1)·4) + r(S·inter·2) + r(tokens·dense_inter·2) + r(tokens·4) + r(R·hidden·4)`, where R is
+// 0 for tokens ≤ 32 and S (+ tokens with a dense FFN) above.
 enum sparkinfer_status sparkinfer_moe_forward_workspace_size(int64_t tokens,
+                                                             int64_t hidden,
                                                              int64_t experts,
                                                              int64_t top_k,
                                                              int64_t inter,

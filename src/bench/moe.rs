@@ -118,6 +118,7 @@ impl<'a> Io<'a> {
     fn new(b: &mut Bench<'a>, s: &MoeShape, tokens: usize, copies: usize) -> Result<Self> {
         let ws_bytes = ops::moe_forward_workspace_size(
             tokens as i64,
+            s.hidden as i64,
             s.experts as i64,
             s.top_k as i64,
             s.inter as i64,
@@ -153,7 +154,14 @@ fn block_row(b: &mut Bench, w: &Weights, tokens: usize) -> Result<Row> {
 fn split_rows(b: &mut Bench, w: &Weights) -> Result<Vec<Row>> {
     let s = w.s;
     let io = Io::new(b, &s, 1, 64)?;
-    let layout = ops::moe_forward_layout(1, s.experts as i64, s.top_k as i64, s.inter as i64, s.dense_inter as i64)?;
+    let layout = ops::moe_forward_layout(
+        1,
+        s.hidden as i64,
+        s.experts as i64,
+        s.top_k as i64,
+        s.inter as i64,
+        s.dense_inter as i64,
+    )?;
     let (ctx, stream) = (b.ctx, b.stream);
     // Route every copy once so that each workspace holds a valid routing for the FFN stage.
     for i in 0..64 {

@@ -260,16 +260,19 @@ pub extern "C" fn sparkinfer_topk_router(
 
 /// Bytes of workspace sparkinfer_expert_ffn needs: `top_k` and `inter` 0 without routed experts,
 /// `dense_inter` 0 without a dense FFN. With r(n) = n rounded up to 256:
-/// `r(tokens·top_k·inter·2) + r(tokens·dense_inter·2) + r(tokens·4)`.
+/// `r(tokens·top_k·inter·2) + r(tokens·dense_inter·2) + r(tokens·4) + r(R·hidden·4)`, where R is 0 for
+/// tokens ≤ 32 and tokens·top_k (+ tokens with a dense FFN) above: the prefill path keeps the down
+/// projection of every slot in fp32 until the top-k sum.
 #[no_mangle]
 pub extern "C" fn sparkinfer_expert_ffn_workspace_size(
     tokens: i64,
+    hidden: i64,
     top_k: i64,
     inter: i64,
     dense_inter: i64,
     bytes: *mut usize,
 ) -> sparkinfer_status {
-    guard(|| write_out("bytes", bytes, moe::expert_ffn_workspace_size(tokens, top_k, inter, dense_inter)?))
+    guard(|| write_out("bytes", bytes, moe::expert_ffn_workspace_size(tokens, hidden, top_k, inter, dense_inter)?))
 }
 
 /// Runs the expert FFN (see sparkinfer_expert_ffn_params) on `stream` (NULL on the CPU backend) with a
@@ -316,17 +319,21 @@ pub extern "C" fn sparkinfer_expert_ffn(
 
 /// Bytes of workspace sparkinfer_moe_forward needs (`dense_inter` 0 without a dense FFN). With r(n) = n
 /// rounded up to 256 and S = tokens·top_k: `r(tokens·experts·4) + 3·r(S·4) + r(experts·4) +
-/// r((experts+1)·4) + r(S·inter·2) + r(tokens·dense_inter·2) + r(tokens·4)`.
+/// r((experts+1)·4) + r(S·inter·2) + r(tokens·dense_inter·2) + r(tokens·4) + r(R·hidden·4)`, where R is
+/// 0 for tokens ≤ 32 and S (+ tokens with a dense FFN) above.
 #[no_mangle]
 pub extern "C" fn sparkinfer_moe_forward_workspace_size(
     tokens: i64,
+    hidden: i64,
     experts: i64,
     top_k: i64,
     inter: i64,
     dense_inter: i64,
     bytes: *mut usize,
 ) -> sparkinfer_status {
-    guard(|| write_out("bytes", bytes, moe::moe_forward_workspace_size(tokens, experts, top_k, inter, dense_inter)?))
+    guard(|| {
+        write_out("bytes", bytes, moe::moe_forward_workspace_size(tokens, hidden, experts, top_k, inter, dense_inter)?)
+    })
 }
 
 /// Runs the MoE block (see sparkinfer_moe_forward_params) on `stream` (NULL on the CPU backend) with a

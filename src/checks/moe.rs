@@ -264,8 +264,14 @@ pub struct WorkspaceRouting {
 }
 
 pub fn read_routing(ws: &TestBuffer, s: &MoeShape, tokens: usize) -> Result<WorkspaceRouting> {
-    let l =
-        ops::moe_forward_layout(tokens as i64, s.experts as i64, s.top_k as i64, s.inter as i64, s.dense_inter as i64)?;
+    let l = ops::moe_forward_layout(
+        tokens as i64,
+        s.hidden as i64,
+        s.experts as i64,
+        s.top_k as i64,
+        s.inter as i64,
+        s.dense_inter as i64,
+    )?;
     let bytes: Vec<u8> = ws.download(l.total())?;
     let f32s = |at: usize, n: usize| {
         (0..n).map(|i| f32::from_le_bytes(bytes[at + 4 * i..at + 4 * i + 4].try_into().unwrap())).collect::<Vec<_>>()
@@ -395,6 +401,7 @@ pub fn run_block_case(
     }
     let ws_bytes = ops::moe_forward_workspace_size(
         t as i64,
+        s.hidden as i64,
         s.experts as i64,
         s.top_k as i64,
         s.inter as i64,
@@ -614,7 +621,7 @@ pub fn check_dense(ctx: &Context, stream: Stream, s: &MoeShape, tokens: usize, s
     let gu = TestBuffer::from_slice(ctx, &w.dense_gate_up)?;
     let dn = TestBuffer::from_slice(ctx, &w.dense_down)?;
     let gate = w.dense_gate.as_ref().map(|g| TestBuffer::from_slice(ctx, g)).transpose()?;
-    let ws_bytes = ops::expert_ffn_workspace_size(tokens as i64, 0, 0, s.dense_inter as i64)?;
+    let ws_bytes = ops::expert_ffn_workspace_size(tokens as i64, s.hidden as i64, 0, 0, s.dense_inter as i64)?;
     let ws = TestBuffer::new(ctx, ws_bytes + GUARD_BYTES)?;
     ws.poison()?;
     let args = ExpertFfnArgs {

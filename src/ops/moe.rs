@@ -51,8 +51,6 @@ const FFN_WARPS: usize = 4;
 /// Output rows per block and warps per output row of the down kernel (DOWN_ROWS, DOWN_SPLIT).
 const DOWN_ROWS: usize = 4;
 const DOWN_SPLIT: usize = 2;
-/// Tokens per block row of the down kernel (one per lane).
-const DOWN_TOKENS: usize = 32;
 
 fn token_tile(tokens: usize) -> usize {
     tokens.min(16).next_power_of_two()
@@ -88,12 +86,17 @@ fn grouped_gate_up_name(act: Activation) -> KernelName {
     kernel_name!("grouped_gate_up_kernel<{}>", act_code(act))
 }
 
-/// Above this many tokens the gate/up projection runs as a grouped GEMM on tensor cores.
+/// From this many tokens on, the FFN runs as grouped GEMMs on tensor cores plus a combine; below, the
+/// decode kernels take every token in one pass (lane m of a down warp accumulates token m).
 const GROUPED_MIN_TOKENS: usize = 33;
-/// Tile of the grouped gate/up kernel (GG_BM rows x GG_BN gate and up columns, GG_THREADS threads).
+/// Tiles of the grouped kernels: GG_BM rows, GG_BN gate and GG_BN up columns (gate/up) or GD_BN output
+/// columns (down), GG_THREADS threads (GG_BM, GG_BN / 2 and GG_BN in the kernels).
 const GG_BM: usize = 64;
 const GG_BN: usize = 64;
+const GD_BN: usize = 128;
 const GG_THREADS: usize = 128;
+/// Threads per block of the combine, 4 columns each (FFN_COMBINE_THREADS).
+const COMBINE_THREADS: usize = 128;
 
 fn ffn_instantiations() -> Vec<String> {
     let mut v: Vec<String> = [Activation::Silu, Activation::GeluTanh]
@@ -102,6 +105,8 @@ fn ffn_instantiations() -> Vec<String> {
         .collect();
     v.push("expert_down_kernel".into());
     v.extend([Activation::Silu, Activation::GeluTanh].map(|a| grouped_gate_up_name(a).to_string()));
+    v.push("grouped_down_kernel".into());
+    v.push("ffn_combine_kernel".into());
     v
 }
 
@@ -506,6 +511,9 @@ struct FfnLayout {
     h_routed: usize,
     h_dense: usize,
     dense_gate: usize,
+    /// fp32 [T·k + T_dense, hidden]: the down projection's rows per slot (and per token of the dense
+    /// FFN) before the combine; empty below GROUPED_MIN_TOKENS.
+    y: usize,
     total: usize,
 }
 
@@ -519,22 +527,43 @@ impl Regions {
     }
 }
 
-fn ffn_layout(tokens: usize, top_k: usize, inter: usize, dense_inter: usize, r: &mut Regions) -> FfnLayout {
-    let h_routed = r.take(tokens * top_k * inter * 2);
-    let h_dense = r.take(tokens * dense_inter * 2);
-    let dense_gate = r.take(tokens * 4);
-    FfnLayout { h_routed, h_dense, dense_gate, total: r.0 }
+/// The FFN's shape as the workspace sees it: `top_k` and `inter` 0 without routed experts, `dense_inter`
+/// 0 without a dense FFN.
+#[derive(Clone, Copy, Debug)]
+struct FfnDims {
+    tokens: usize,
+    hidden: usize,
+    top_k: usize,
+    inter: usize,
+    dense_inter: usize,
+}
+
+fn ffn_layout(d: FfnDims, r: &mut Regions) -> FfnLayout {
+    let h_routed = r.take(d.tokens * d.top_k * d.inter * 2);
+    let h_dense = r.take(d.tokens * d.dense_inter * 2);
+    let dense_gate = r.take(d.tokens * 4);
+    let y_rows = if d.tokens >= GROUPED_MIN_TOKENS {
+        let routed = if d.inter > 0 { d.tokens * d.top_k } else { 0 };
+        routed + if d.dense_inter > 0 { d.tokens } else { 0 }
+    } else {
+        0
+    };
+    let y = r.take(y_rows * d.hidden * 4);
+    FfnLayout { h_routed, h_dense, dense_gate, y, total: r.0 }
 }
 
 /// Workspace bytes of [`expert_ffn`]: `top_k` and `inter` are 0 without routed experts, `dense_inter`
 /// 0 without a dense FFN. Each region is rounded up to 256 bytes:
-/// `r(T·k·I·2) + r(T·I_dense·2) + r(T·4)`.
-pub fn expert_ffn_workspace_size(tokens: i64, top_k: i64, inter: i64, dense_inter: i64) -> Result<usize> {
+/// `r(T·k·I·2) + r(T·I_dense·2) + r(T·4) + r(R·hidden·4)`, where R, the fp32 rows of the prefill path's
+/// down projection, is 0 for T ≤ 32 and T·k (+ T with a dense FFN) above.
+pub fn expert_ffn_workspace_size(tokens: i64, hidden: i64, top_k: i64, inter: i64, dense_inter: i64) -> Result<usize> {
     let t = check_dim("tokens", tokens, MAX_TOKENS)?;
+    let h = check_hidden("hidden", hidden)?;
     let k = if top_k == 0 { 0 } else { check_dim("top_k", top_k, MAX_TOP_K)? };
     let i = if inter == 0 { 0 } else { check_dim("inter", inter, MAX_FFN_DIM)? };
     let di = if dense_inter == 0 { 0 } else { check_dim("dense_inter", dense_inter, MAX_FFN_DIM)? };
-    Ok(ffn_layout(t, k, i, di, &mut Regions(0)).total)
+    let dims = FfnDims { tokens: t, hidden: h, top_k: k, inter: i, dense_inter: di };
+    Ok(ffn_layout(dims, &mut Regions(0)).total)
 }
 
 struct RoutedChecked {
@@ -642,13 +671,14 @@ fn validate_ffn(a: &ExpertFfnArgs, routing: bool, regions: &mut Regions) -> Resu
     }
     let routed = a.routed.as_ref().map(|r| validate_routed(r, t, h, routing)).transpose()?;
     let dense = a.dense.as_ref().map(|d| validate_dense(d, h)).transpose()?;
-    let layout = ffn_layout(
-        t,
-        routed.as_ref().map_or(0, |r| r.top_k),
-        routed.as_ref().map_or(0, |r| r.inter),
-        dense.as_ref().map_or(0, |d| d.inter),
-        regions,
-    );
+    let dims = FfnDims {
+        tokens: t,
+        hidden: h,
+        top_k: routed.as_ref().map_or(0, |r| r.top_k),
+        inter: routed.as_ref().map_or(0, |r| r.inter),
+        dense_inter: dense.as_ref().map_or(0, |d| d.inter),
+    };
+    let layout = ffn_layout(dims, regions);
     check_ptr("workspace", a.workspace, 16)?;
     if a.workspace_bytes < layout.total {
         return Err(Error::invalid(format!(
@@ -705,7 +735,6 @@ unsafe fn launch_ffn(device: &Device, c: &FfnChecked, stream: Stream) -> Result<
     let mut h_dense = ws + c.layout.h_dense as u64;
     let mut d_gate = ws + c.layout.dense_gate as u64;
     if tokens >= GROUPED_MIN_TOKENS {
-        // Grid from host bounds: every expert's tiles fit in ceil(T k / BM) + E, then the dense tiles.
         let kernel = device.kernel(&FFN_SOURCE, &grouped_gate_up_name(c.act))?;
         let mut experts = c.routed.as_ref().map_or(0, |r| r.experts) as i32;
         let mut args = crate::kernel_args![
@@ -726,9 +755,7 @@ unsafe fn launch_ffn(device: &Device, c: &FfnChecked, stream: Stream) -> Result<
             h_dense,
             d_gate
         ];
-        let routed_tiles = if c.routed.is_some() { num_slots.div_ceil(GG_BM) + experts as usize } else { 0 };
-        let dense_tiles = if c.dense.is_some() { tokens.div_ceil(GG_BM) } else { 0 };
-        let grid = ((routed_tiles + dense_tiles) as u32, r_inter.max(d_inter).div_ceil(GG_BN) as u32, 1);
+        let grid = (grouped_tiles(c, tokens) as u32, r_inter.max(d_inter).div_ceil(GG_BN) as u32, 1);
         device.launch_dependent(&kernel, grid, (GG_THREADS as u32, 1, 1), 0, stream.raw(), &mut args)?;
     } else {
         let kernel = device.kernel(&FFN_SOURCE, &gate_up_name(c.act, mt))?;
@@ -757,7 +784,6 @@ unsafe fn launch_ffn(device: &Device, c: &FfnChecked, stream: Stream) -> Result<
         device.launch_dependent(&kernel, (grid_x as u32, grid_y as u32, 1), block, 0, stream.raw(), &mut args)?;
     }
 
-    let kernel = device.kernel(&FFN_SOURCE, "expert_down_kernel")?;
     let mut down = c.routed.as_ref().map_or(0, |r| r.down.ptr);
     let mut weights = c.routed.as_ref().map_or(0, |r| r.weights.ptr);
     let mut d_down = c.dense.as_ref().map_or(0, |d| d.down.ptr);
@@ -765,6 +791,37 @@ unsafe fn launch_ffn(device: &Device, c: &FfnChecked, stream: Stream) -> Result<
     let mut out = c.out.ptr;
     let mut os = c.out.row_stride as i64;
     let mut accumulate = i32::from(c.accumulate);
+    if tokens >= GROUPED_MIN_TOKENS {
+        // Down projection per slot into fp32 rows, then the fixed-order top-k sum.
+        let kernel = device.kernel(&FFN_SOURCE, "grouped_down_kernel")?;
+        let mut experts = c.routed.as_ref().map_or(0, |r| r.experts) as i32;
+        let mut y = ws + c.layout.y as u64;
+        let mut args = crate::kernel_args![
+            h,
+            down,
+            inter,
+            offsets,
+            sorted,
+            experts,
+            slots,
+            h_routed,
+            t,
+            d_down,
+            d_inter_arg,
+            h_dense,
+            y
+        ];
+        let grid = (grouped_tiles(c, tokens) as u32, hidden.div_ceil(GD_BN) as u32, 1);
+        device.launch_dependent(&kernel, grid, (GG_THREADS as u32, 1, 1), 0, stream.raw(), &mut args)?;
+
+        let kernel = device.kernel(&FFN_SOURCE, "ffn_combine_kernel")?;
+        let mut dense = i32::from(c.dense.is_some());
+        let mut args = crate::kernel_args![h, top_k, slots, weights, dense, d_gate_read, y, out, os, accumulate];
+        let grid = (tokens as u32, hidden.div_ceil(4 * COMBINE_THREADS) as u32, 1);
+        return device.launch_dependent(&kernel, grid, (COMBINE_THREADS as u32, 1, 1), 0, stream.raw(), &mut args);
+    }
+
+    let kernel = device.kernel(&FFN_SOURCE, "expert_down_kernel")?;
     let mut args = crate::kernel_args![
         t,
         top_k,
@@ -785,9 +842,17 @@ unsafe fn launch_ffn(device: &Device, c: &FfnChecked, stream: Stream) -> Result<
         os,
         accumulate
     ];
-    let grid = (hidden.div_ceil(DOWN_ROWS) as u32, tokens.div_ceil(DOWN_TOKENS) as u32, 1);
+    let grid = (hidden.div_ceil(DOWN_ROWS) as u32, 1, 1);
     let block = ((DOWN_ROWS * DOWN_SPLIT * 32) as u32, 1, 1);
     device.launch_dependent(&kernel, grid, block, 0, stream.raw(), &mut args)
+}
+
+/// Blocks of a grouped kernel's grid along x, from host bounds: every expert's tiles fit in
+/// ceil(T k / BM) + E, then the dense FFN's ceil(T / BM); blocks past the real tiles exit.
+fn grouped_tiles(c: &FfnChecked, tokens: usize) -> usize {
+    let routed = c.routed.as_ref().map_or(0, |r| (tokens * r.top_k).div_ceil(GG_BM) + r.experts);
+    let dense = if c.dense.is_some() { tokens.div_ceil(GG_BM) } else { 0 };
+    routed + dense
 }
 
 /// Reads the input side of an FFN call from host memory and computes the f64 result parts.
@@ -898,38 +963,48 @@ impl BlockLayout {
     }
 }
 
-fn block_layout(tokens: usize, experts: usize, top_k: usize, inter: usize, dense_inter: usize) -> BlockLayout {
+fn block_layout(experts: usize, d: FfnDims) -> BlockLayout {
     let mut r = Regions(0);
-    let logits = r.take(tokens * experts * 4);
-    let ids = r.take(tokens * top_k * 4);
-    let weights = r.take(tokens * top_k * 4);
+    let logits = r.take(d.tokens * experts * 4);
+    let ids = r.take(d.tokens * d.top_k * 4);
+    let weights = r.take(d.tokens * d.top_k * 4);
     let counts = r.take(experts * 4);
     let offsets = r.take((experts + 1) * 4);
-    let sorted = r.take(tokens * top_k * 4);
-    let ffn = ffn_layout(tokens, top_k, inter, dense_inter, &mut r);
+    let sorted = r.take(d.tokens * d.top_k * 4);
+    let ffn = ffn_layout(d, &mut r);
     BlockLayout { logits, ids, weights, counts, offsets, sorted, ffn }
 }
 
 /// Workspace bytes of [`moe_forward`] (`dense_inter` 0 without a dense FFN). Each region rounded up to
-/// 256 bytes: `r(T·E·4) + 2·r(T·k·4) + r(E·4) + r((E+1)·4) + r(T·k·4) + r(T·k·I·2) + r(T·I_dense·2) + r(T·4)`.
+/// 256 bytes: `r(T·E·4) + 2·r(T·k·4) + r(E·4) + r((E+1)·4) + r(T·k·4)` for the routing, then the
+/// regions of [`expert_ffn_workspace_size`].
 pub fn moe_forward_workspace_size(
     tokens: i64,
+    hidden: i64,
     experts: i64,
     top_k: i64,
     inter: i64,
     dense_inter: i64,
 ) -> Result<usize> {
-    Ok(moe_forward_layout(tokens, experts, top_k, inter, dense_inter)?.total())
+    Ok(moe_forward_layout(tokens, hidden, experts, top_k, inter, dense_inter)?.total())
 }
 
 /// Where [`moe_forward`] places its routing in the workspace.
-pub fn moe_forward_layout(tokens: i64, experts: i64, top_k: i64, inter: i64, dense_inter: i64) -> Result<BlockLayout> {
+pub fn moe_forward_layout(
+    tokens: i64,
+    hidden: i64,
+    experts: i64,
+    top_k: i64,
+    inter: i64,
+    dense_inter: i64,
+) -> Result<BlockLayout> {
     let t = check_dim("tokens", tokens, MAX_TOKENS)?;
+    let h = check_hidden("hidden", hidden)?;
     let e = check_experts(experts)?;
     let k = check_top_k(top_k, e)?;
     let i = check_inter("inter", inter)?;
     let di = if dense_inter == 0 { 0 } else { check_inter("dense_inter", dense_inter)? };
-    Ok(block_layout(t, e, k, i, di))
+    Ok(block_layout(e, FfnDims { tokens: t, hidden: h, top_k: k, inter: i, dense_inter: di }))
 }
 
 /// The MoE block: router GEMM → top-k + expert index → routed experts + dense FFN, on `stream`, with no
@@ -943,6 +1018,7 @@ pub unsafe fn moe_forward(ctx: &Context, a: &MoeForwardArgs, stream: Stream) -> 
     let routed =
         a.ffn.routed.ok_or_else(|| Error::invalid("routed: the MoE block needs its routed experts' weights"))?;
     let t = check_dim("tokens", a.ffn.tokens, MAX_TOKENS)?;
+    let h = check_hidden("hidden", a.ffn.hidden)?;
     let e = check_experts(routed.experts)?;
     let k = check_top_k(routed.top_k, e)?;
     let i = check_inter("inter", routed.inter)?;
@@ -950,7 +1026,7 @@ pub unsafe fn moe_forward(ctx: &Context, a: &MoeForwardArgs, stream: Stream) -> 
         Some(d) => check_inter("dense_inter", d.inter)?,
         None => 0,
     };
-    let layout = block_layout(t, e, k, i, di);
+    let layout = block_layout(e, FfnDims { tokens: t, hidden: h, top_k: k, inter: i, dense_inter: di });
     let mut regions = Regions(layout.ffn.h_routed);
     let mut ffn = validate_ffn(&a.ffn, false, &mut regions)?;
     let ws = a.ffn.workspace;

@@ -1,16 +1,17 @@
-// Expert FFN over routed tokens plus an optional dense (shared) FFN, in two launches:
+// Expert FFN over routed tokens plus an optional dense (shared) FFN.
 //
 //   gate_up:  h[slot, i] = bf16(act(gate_e[i] . x_t) * (up_e[i] . x_t))   for every selected (token, expert)
 //   down:     out[t, n]  = bf16(sum_j w_tj * down_e[n] . h[slot_tj] + gate_t * dense_down[n] . h_dense[t] (+ out))
 //
-// The routing stays on the GPU: a block of the gate_up grid is a position p of the expert-sorted slot list
-// and works only if p starts its expert's segment (p == expert_offsets[e]), so each selected expert's gate
-// and up rows are read once for all its tokens, all experts in one launch; the other blocks exit at once.
-// The down kernel gives each warp one output row and walks the slots in expert-sorted order: at decode it
-// fetches the routing of 32 slots at once and keeps the down rows of four slots in flight together (rows
-// of one expert repeat only for its own tokens and are served by L1/L2); for prefill it walks each expert
-// segment's slots of its token chunk. The top-k sum is accumulated in fp32 in a fixed order
-// (deterministic, no atomics) with a single rounding at the end.
+// Decode (T <= 32) runs two launches on CUDA cores. The routing stays on the GPU: a block of the gate_up
+// grid is a position p of the expert-sorted slot list and works only if p starts its expert's segment
+// (p == expert_offsets[e]), so each selected expert's gate and up rows are read once for all its tokens,
+// all experts in one launch; the other blocks exit at once. The down kernel gives each warp one output row
+// and walks the slots in expert-sorted order, fetching the routing of 32 slots at once and keeping the
+// down rows of four slots in flight together (rows of one expert repeat only for its own tokens and are
+// served by L1/L2). Prefill (T >= 33) runs grouped GEMMs on tensor cores and a combine (further below).
+// Either way the top-k sum is accumulated in fp32 in a fixed order (deterministic, no atomics) with a
+// single rounding at the end.
 #include "common/common.cuh"
 
 // gate/up: warps (one intermediate row each) per block. Small blocks with MT = 1 held to 64 registers keep
@@ -151,43 +152,6 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, MT == 1 ? 8 : 1) expert_gate_u
     }
 }
 
-// dot(w_row[0:len], h[0:len]) over a warp, every lane gets the sum.
-SPK_DEVICE float warp_dot(const bf16_t* __restrict__ w_row, const bf16_t* __restrict__ h, int len) {
-    const int lane = threadIdx.x & 31;
-    const int num_vec = len >> 3;
-    float acc = 0.0f;
-    for (int base = 0; base < num_vec; base += 32 * FFN_UNROLL) {
-        uint4 wv[FFN_UNROLL];
-#pragma unroll
-        for (int u = 0; u < FFN_UNROLL; ++u) {
-            const int v = base + u * 32 + lane;
-            wv[u] = v < num_vec ? load_u128_stream(w_row + (i64)v * 8) : make_uint4(0, 0, 0, 0);
-        }
-#pragma unroll
-        for (int u = 0; u < FFN_UNROLL; ++u) {
-            const int v = base + u * 32 + lane;
-            if (v < num_vec) {
-                float wf[8], hf[8];
-                bf16x8_to_f32(wv[u], wf);
-                bf16x8_to_f32(load_u128(h + (i64)v * 8), hf);
-#pragma unroll
-                for (int j = 0; j < 8; ++j) acc = fmaf(wf[j], hf[j], acc);
-            }
-        }
-    }
-    return warp_reduce_sum(acc);
-}
-
-// First position in sorted_slots[lo, hi) whose slot is >= target (slots ascend inside a segment).
-SPK_DEVICE int lower_bound_slot(const int* __restrict__ sorted_slots, int lo, int hi, int target) {
-    while (lo < hi) {
-        const int mid = (lo + hi) >> 1;
-        if (sorted_slots[mid] < target) lo = mid + 1;
-        else hi = mid;
-    }
-    return lo;
-}
-
 constexpr int DOWN_GROUP = 4;
 
 // Dots of up to DOWN_GROUP (row, vector) pairs of lengths len[g] (0 = absent) over a warp; every lane gets
@@ -225,10 +189,9 @@ SPK_DEVICE void warp_dot_group(const bf16_t* const (&w)[DOWN_GROUP], const bf16_
     for (int g = 0; g < DOWN_GROUP; ++g) out[g] = warp_reduce_sum(acc[g]);
 }
 
-// grid.x: tiles of DOWN_ROWS output rows; grid.y: chunks of 32 tokens. Warp w of a block works on output
-// row w % DOWN_ROWS and takes part w / DOWN_ROWS of its items (every DOWN_SPLIT-th decode item, every
-// DOWN_SPLIT-th expert segment and dense token at prefill), so twice the warps stream at once and each
-// has half the serial chain of dependent loads. Lane m accumulates token t0 + m; every part adds its terms
+// grid.x: tiles of DOWN_ROWS output rows, for at most 32 tokens. Warp w of a block works on output row
+// w % DOWN_ROWS and takes part w / DOWN_ROWS of its items (every DOWN_SPLIT-th), so twice the warps stream
+// at once and each has half the serial chain of dependent loads. Lane m accumulates token m; every part adds its terms
 // in expert-sorted order, then the dense terms; the parts are summed in part order, then the existing
 // output: a fixed order, so results are deterministic.
 __global__ void __launch_bounds__(DOWN_ROWS * DOWN_SPLIT * 32, 3) expert_down_kernel(
@@ -247,13 +210,11 @@ __global__ void __launch_bounds__(DOWN_ROWS * DOWN_SPLIT * 32, 3) expert_down_ke
     const int part = warp / DOWN_ROWS;
     const int n = blockIdx.x * DOWN_ROWS + row_local;
     const bool row_ok = n < hidden;
-    const int t0 = blockIdx.y * 32;
-    const int nt = min(32, tokens - t0);
+    const int nt = tokens;
     float acc = 0.0f;
 
-    if (row_ok && gridDim.y == 1) {
-        // Decode (at most 32 tokens): the items are every routed slot in sorted order, then the dense FFN
-        // per token. Lanes fetch the routing of 32 items at once, then the warp runs its items (positions
+    if (row_ok) {
+        // The items are every routed slot in sorted order, then the dense FFN per token. Lanes fetch the routing of 32 items at once, then the warp runs its items (positions
         // part, part + DOWN_SPLIT, ... of the 32) DOWN_GROUP at a time with all their row loads in flight.
         const int n_items = num_slots + (dense_down != nullptr ? nt : 0);
         for (int base = 0; base < n_items; base += 32) {
@@ -307,34 +268,6 @@ __global__ void __launch_bounds__(DOWN_ROWS * DOWN_SPLIT * 32, 3) expert_down_ke
                 }
             }
         }
-    } else if (row_ok) {
-        // Prefill: each expert segment's slots of this token chunk, found by binary search; the part takes
-        // every DOWN_SPLIT-th segment.
-        const int slot_lo = t0 * top_k;
-        const int slot_hi = (t0 + nt) * top_k;
-        int seg = 0;
-        for (int p = 0; p < num_slots; ++seg) {
-            const int e = topk_ids[sorted_slots[p]];
-            const int end = expert_offsets[e + 1];
-            if (seg % DOWN_SPLIT == part) {
-                const bf16_t* w_row = down + ((i64)e * hidden + n) * inter;
-                for (int q = lower_bound_slot(sorted_slots, p, end, slot_lo); q < end; ++q) {
-                    const int s = sorted_slots[q];
-                    if (s >= slot_hi) break;
-                    const float d = warp_dot(w_row, h_routed + (i64)s * inter, inter);
-                    if (lane == s / top_k - t0) acc = fmaf(topk_weights[s], d, acc);
-                }
-            }
-            p = end;
-        }
-        if (dense_down != nullptr) {
-            const bf16_t* w_row = dense_down + (i64)n * dense_inter;
-            for (int m = part; m < nt; m += DOWN_SPLIT) {
-                const float d = warp_dot(w_row, h_dense + (i64)(t0 + m) * dense_inter, dense_inter);
-                const float scale = dense_gate != nullptr ? dense_gate[t0 + m] : 1.0f;
-                if (lane == m) acc = fmaf(scale, d, acc);
-            }
-        }
     }
     partial[part][row_local][lane] = acc;
     __syncthreads();
@@ -342,98 +275,195 @@ __global__ void __launch_bounds__(DOWN_ROWS * DOWN_SPLIT * 32, 3) expert_down_ke
         float sum = partial[0][row_local][lane];
 #pragma unroll
         for (int q = 1; q < DOWN_SPLIT; ++q) sum += partial[q][row_local][lane];
-        bf16_t* o = out + (i64)(t0 + lane) * out_row_stride + n;
+        bf16_t* o = out + (i64)lane * out_row_stride + n;
         if (accumulate) sum += bf16_to_f32(*o);
         *o = f32_to_bf16(sum);
     }
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Grouped gate/up GEMM on tensor cores for prefill (mma.sync m16n8k16 bf16 -> fp32, ldmatrix, cp.async).
+// Prefill (T >= 33): grouped GEMMs on tensor cores (mma.sync m16n8k16 bf16 -> fp32, ldmatrix, cp.async),
+// then a combine.
 //
-// A block computes a GG_BM x GG_BN tile of h for one group: a routed expert (its rows are GG_BM consecutive
-// positions of its segment of the expert-sorted slot list, each the x row of the slot's token) or the
-// dense FFN (group `experts`, rows are tokens). Its B tile is the gate rows [n0, n0 + GG_BN) and the up
-// rows [inter + n0, ...) of the group's weights, so the epilogue has gate and up of the same element in one
-// thread: h = bf16(act(gate) * up), as the decode kernel. The grid is sized from host bounds: blockIdx.x
-// enumerates the tiles of every group (sum over experts of ceil(count / GG_BM) <= ceil(T k / GG_BM) +
-// experts, then ceil(T / GG_BM) dense tiles); warp 0 finds its block's group and tile from the offsets, and
-// blocks past the last tile exit. Counts never leave the GPU.
-// 4 warps in 2 x 2: warp (wm, wn) owns rows wm * 32 .. + 32 and columns wn * 32 .. + 32 of gate and of up.
-// Shared rows are padded to GG_LD = 40 bf16 (80 bytes): the 8 rows an ldmatrix reads fall in distinct banks.
+//   gate_up:  h[slot]      = bf16(act(x_t . gate_e) * (x_t . up_e))        for every slot, and the dense FFN
+//   down:     y[slot]      = h[slot] . down_e^T   (fp32, one row per slot)  and y[slots + t] for the dense FFN
+//   combine:  out[t]       = bf16(sum_j w_tj y[t k + j] + gate_t y[slots + t] (+ out[t]))
+//
+// A block of a grouped kernel computes a GG_BM x GG_BN tile for one group: a routed expert (its rows are
+// GG_BM consecutive positions of its segment of the expert-sorted slot list) or the dense FFN (group
+// `experts`, rows are tokens). The grid is sized from host bounds: blockIdx.x enumerates the tiles of
+// every group (sum over experts of ceil(count / GG_BM) <= ceil(T k / GG_BM) + experts, then
+// ceil(T / GG_BM) dense tiles); warp 0 finds its block's group and tile from the offsets, and blocks past
+// the last tile exit. Counts never leave the GPU. The per-slot fp32 rows of the down GEMM are summed by
+// the combine in slot order, so the top-k sum is in fp32 with one rounding and in a fixed order.
+// 4 warps in 2 x 2: warp (wm, wn) owns tile rows wm * 32 .. + 32 and B rows wn * 32 .. + 32 of each half
+// q of the B tile (gate_up: q = 0 gate, q = 1 up, the same 64 columns of the intermediate; down: 128
+// consecutive output columns). Shared rows are padded to GG_LD = 40 bf16 (80 bytes): the 8 rows an
+// ldmatrix reads fall in distinct banks.
 // ---------------------------------------------------------------------------------------------------------
 #include "common/mma.cuh"
 
 constexpr int GG_BM = 64;
-constexpr int GG_BN = 64;
+constexpr int GG_BN = 128;  // B rows per tile
 constexpr int GG_BK = 32;
 constexpr int GG_STAGES = 3;
 constexpr int GG_LD = GG_BK + 8;
 constexpr int GG_THREADS = 128;
 
+struct GroupedShared {
+    bf16_t a[GG_STAGES][GG_BM][GG_LD];
+    bf16_t b[GG_STAGES][GG_BN][GG_LD];
+    const bf16_t* a_rows[GG_BM];  // nullptr: row past the group's end (zero-filled)
+    const bf16_t* b_rows[GG_BN];  // nullptr: column past the end (zero-filled)
+    int group, tile;
+};
+
+// Warp 0 of the block: sets s.group / s.tile of block b (group -1: no tile, the block exits).
+SPK_DEVICE void grouped_find_tile(GroupedShared& s, const int* __restrict__ expert_offsets, int experts,
+                                  bool dense, int tokens, int b) {
+    const int lane = threadIdx.x & 31;
+    // Tiles of experts e0 .. e0 + 31 by a warp scan, until the running total passes b.
+    int group = -1, tile = 0, base = 0;
+    for (int e0 = 0; e0 < experts && base <= b; e0 += 32) {
+        const int e = e0 + lane;
+        const int cnt = e < experts ? expert_offsets[e + 1] - expert_offsets[e] : 0;
+        const int nt = (cnt + GG_BM - 1) / GG_BM;
+        int incl = nt;
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {
+            const int v = __shfl_up_sync(0xffffffffu, incl, off);
+            if (lane >= off) incl += v;
+        }
+        const int excl = base + incl - nt;
+        if (b >= excl && b < excl + nt) {
+            group = e;
+            tile = b - excl;
+        }
+        base += __shfl_sync(0xffffffffu, incl, 31);
+    }
+    const unsigned found = __ballot_sync(0xffffffffu, group >= 0);
+    if (found != 0) {
+        const int src = __ffs(found) - 1;
+        group = __shfl_sync(0xffffffffu, group, src);
+        tile = __shfl_sync(0xffffffffu, tile, src);
+    } else {
+        // No routed tile: base is the routed total (the loop ran over every expert).
+        tile = b - base;
+        group = (dense && tile * GG_BM < tokens) ? experts : -1;
+    }
+    if (lane == 0) {
+        s.group = group;
+        s.tile = tile;
+    }
+}
+
+// acc[q][mi][ni][f] += A . B^T over k in [0, K) for the tile rows s.a_rows and B rows s.b_rows (both
+// set and published by a barrier before the call); `dummy` is any valid global address (the source of
+// zero-filled copies). K is a multiple of 8.
+SPK_DEVICE void grouped_mma(GroupedShared& s, int K, const bf16_t* dummy, float (&acc)[2][2][4][4]) {
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const int num_k = (K + GG_BK - 1) / GG_BK;
+    // Stage st <- k tile kt: A is 64 rows x 4 chunks of 16 bytes, B 128 rows x 4 chunks.
+    auto load_tile = [&](int st, int kt) {
+#pragma unroll
+        for (int i = 0; i < GG_BM * 4 / GG_THREADS; ++i) {
+            const int idx = tid + i * GG_THREADS;
+            const int r = idx >> 2, c = idx & 3;
+            const int k = kt * GG_BK + c * 8;
+            const bf16_t* src = s.a_rows[r];
+            const bool ok = src != nullptr && k < K;
+            cp_async_16(&s.a[st][r][c * 8], ok ? src + k : dummy, ok);
+        }
+#pragma unroll
+        for (int i = 0; i < GG_BN * 4 / GG_THREADS; ++i) {
+            const int idx = tid + i * GG_THREADS;
+            const int r = idx >> 2, c = idx & 3;
+            const int k = kt * GG_BK + c * 8;
+            const bf16_t* src = s.b_rows[r];
+            const bool ok = src != nullptr && k < K;
+            cp_async_16(&s.b[st][r][c * 8], ok ? src + k : dummy, ok);
+        }
+    };
+#pragma unroll
+    for (int st = 0; st < GG_STAGES - 1; ++st) {
+        if (st < num_k) load_tile(st, st);
+        cp_async_commit();
+    }
+    const int wm = warp & 1, wn = warp >> 1;
+    for (int kt = 0; kt < num_k; ++kt) {
+        // Group kt (one is committed per k tile, empty ones included) has landed; the barrier also
+        // retires every warp's reads of the stage that the next load overwrites (tile kt - 1's).
+        cp_async_wait<GG_STAGES - 2>();
+        __syncthreads();
+        const int next = kt + GG_STAGES - 1;
+        if (next < num_k) load_tile(next % GG_STAGES, next);
+        cp_async_commit();
+        const int st = kt % GG_STAGES;
+#pragma unroll
+        for (int kk = 0; kk < GG_BK / 16; ++kk) {
+            unsigned a[2][4];
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi)
+                ldmatrix_x4(a[mi], &s.a[st][wm * 32 + mi * 16 + (lane & 15)][kk * 16 + (lane >> 4) * 8]);
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
+#pragma unroll
+                for (int nj = 0; nj < 2; ++nj) {
+                    unsigned bq[4];
+                    const int row = q * (GG_BN / 2) + wn * 32 + nj * 16 + ((lane >> 4) << 3) + (lane & 7);
+                    ldmatrix_x4(bq, &s.b[st][row][kk * 16 + ((lane >> 3) & 1) * 8]);
+#pragma unroll
+                    for (int mi = 0; mi < 2; ++mi) {
+                        mma_bf16_16816(acc[q][mi][nj * 2], a[mi], bq[0], bq[1]);
+                        mma_bf16_16816(acc[q][mi][nj * 2 + 1], a[mi], bq[2], bq[3]);
+                    }
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+}
+
+SPK_DEVICE void zero_acc(float (&acc)[2][2][4][4]) {
+#pragma unroll
+    for (int q = 0; q < 2; ++q)
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+                for (int f = 0; f < 4; ++f) acc[q][mi][ni][f] = 0.0f;
+}
+
+// grid.x: the group tiles (see above); grid.y: tiles of GG_BN / 2 intermediate columns, sized for the
+// larger intermediate. The B tile is the gate rows [n0, n0 + 64) and the up rows [inter + n0, ...) of the
+// group's weights, so the epilogue has gate and up of the same element in one thread.
 template <int ACT>
 __global__ void __launch_bounds__(GG_THREADS) grouped_gate_up_kernel(
     const bf16_t* __restrict__ x, i64 x_row_stride, int top_k, int hidden, const bf16_t* __restrict__ gate_up,
     int inter, const int* __restrict__ expert_offsets, const int* __restrict__ sorted_slots, int experts,
     bf16_t* __restrict__ h_routed, int tokens, const bf16_t* __restrict__ dense_gate_up, int dense_inter,
     const bf16_t* __restrict__ dense_gate_weight, bf16_t* __restrict__ h_dense, float* __restrict__ dense_gate) {
-    __shared__ __align__(16) bf16_t a_s[GG_STAGES][GG_BM][GG_LD];
-    __shared__ __align__(16) bf16_t b_s[GG_STAGES][2 * GG_BN][GG_LD];
-    __shared__ const bf16_t* a_rows[GG_BM];  // x row of each tile row, nullptr past the group's end
+    __shared__ __align__(16) GroupedShared s;
     __shared__ bf16_t* h_rows[GG_BM];
-    __shared__ int s_group, s_tile;
     // Launched with programmatic dependent launch: the routing is written by the kernel before this one.
     pdl_wait();
     pdl_launch_dependents();
     const int tid = threadIdx.x;
     const int lane = tid & 31;
     const int warp = tid >> 5;
-    const int b = blockIdx.x;
-
-    if (warp == 0) {
-        // Tiles of experts e0 .. e0 + 31 by a warp scan, until the running total passes b.
-        int group = -1, tile = 0, base = 0;
-        for (int e0 = 0; e0 < experts && base <= b; e0 += 32) {
-            const int e = e0 + lane;
-            const int cnt = e < experts ? expert_offsets[e + 1] - expert_offsets[e] : 0;
-            const int nt = (cnt + GG_BM - 1) / GG_BM;
-            int incl = nt;
-#pragma unroll
-            for (int off = 1; off < 32; off <<= 1) {
-                const int v = __shfl_up_sync(0xffffffffu, incl, off);
-                if (lane >= off) incl += v;
-            }
-            const int excl = base + incl - nt;
-            if (b >= excl && b < excl + nt) {
-                group = e;
-                tile = b - excl;
-            }
-            base += __shfl_sync(0xffffffffu, incl, 31);
-        }
-        const unsigned found = __ballot_sync(0xffffffffu, group >= 0);
-        if (found != 0) {
-            const int src = __ffs(found) - 1;
-            group = __shfl_sync(0xffffffffu, group, src);
-            tile = __shfl_sync(0xffffffffu, tile, src);
-        } else {
-            // No routed tile: base is the routed total (the loop ran over every expert).
-            tile = b - base;
-            group = (dense_gate_up != nullptr && tile * GG_BM < tokens) ? experts : -1;
-        }
-        if (lane == 0) {
-            s_group = group;
-            s_tile = tile;
-        }
-    }
+    if (warp == 0) grouped_find_tile(s, expert_offsets, experts, dense_gate_up != nullptr, tokens, blockIdx.x);
     __syncthreads();
-    const int group = s_group;
+    const int group = s.group;
     if (group < 0) return;
     const bool routed = group < experts;
-    const int p0 = (routed ? expert_offsets[group] : 0) + s_tile * GG_BM;
+    const int p0 = (routed ? expert_offsets[group] : 0) + s.tile * GG_BM;
     const int end = routed ? expert_offsets[group + 1] : tokens;
     const int I = routed ? inter : dense_inter;
     const bf16_t* w = routed ? gate_up + (i64)group * 2 * inter * hidden : dense_gate_up;
-    const int n0 = blockIdx.y * GG_BN;
+    const int n0 = blockIdx.y * (GG_BN / 2);
 
     if (!routed && blockIdx.y == 0 && dense_gate_weight != nullptr) {
         // The dense gate sigmoid(x . w_sg) of this tile's tokens, a warp per token.
@@ -460,93 +490,28 @@ __global__ void __launch_bounds__(GG_THREADS) grouped_gate_up_kernel(
         bf16_t* h = nullptr;
         if (p < end) {
             if (routed) {
-                const int s = sorted_slots[p];
-                a = x + (i64)(s / top_k) * x_row_stride;
-                h = h_routed + (i64)s * inter;
+                const int slot = sorted_slots[p];
+                a = x + (i64)(slot / top_k) * x_row_stride;
+                h = h_routed + (i64)slot * inter;
             } else {
                 a = x + (i64)p * x_row_stride;
                 h = h_dense + (i64)p * dense_inter;
             }
         }
-        a_rows[r] = a;
+        s.a_rows[r] = a;
         h_rows[r] = h;
+    }
+    for (int r = tid; r < GG_BN; r += GG_THREADS) {
+        const int col = n0 + (r & (GG_BN / 2 - 1));
+        s.b_rows[r] = col < I ? w + ((r < GG_BN / 2 ? 0 : (i64)I) + col) * hidden : nullptr;
     }
     __syncthreads();
 
-    const int num_k = (hidden + GG_BK - 1) / GG_BK;
-    // Stage st <- k tile kt: A is 64 rows x 4 chunks of 16 bytes, B 128 rows x 4 chunks; absent rows and
-    // columns past the end are zero-filled (the source address is then a valid dummy).
-    auto load_tile = [&](int st, int kt) {
-#pragma unroll
-        for (int i = 0; i < GG_BM * 4 / GG_THREADS; ++i) {
-            const int idx = tid + i * GG_THREADS;
-            const int r = idx >> 2, c = idx & 3;
-            const int k = kt * GG_BK + c * 8;
-            const bf16_t* src = a_rows[r];
-            const bool ok = src != nullptr && k < hidden;
-            cp_async_16(&a_s[st][r][c * 8], ok ? src + k : x, ok);
-        }
-#pragma unroll
-        for (int i = 0; i < 2 * GG_BN * 4 / GG_THREADS; ++i) {
-            const int idx = tid + i * GG_THREADS;
-            const int r = idx >> 2, c = idx & 3;
-            const int k = kt * GG_BK + c * 8;
-            const int col = n0 + (r & (GG_BN - 1));
-            const i64 wrow = (r < GG_BN ? 0 : I) + col;
-            const bool ok = col < I && k < hidden;
-            cp_async_16(&b_s[st][r][c * 8], ok ? w + wrow * hidden + k : w, ok);
-        }
-    };
-
     float acc[2][2][4][4];  // [gate/up][mi][ni][fragment]
-#pragma unroll
-    for (int q = 0; q < 2; ++q)
-#pragma unroll
-        for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-            for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-                for (int f = 0; f < 4; ++f) acc[q][mi][ni][f] = 0.0f;
+    zero_acc(acc);
+    grouped_mma(s, hidden, x, acc);
 
-#pragma unroll
-    for (int s = 0; s < GG_STAGES - 1; ++s) {
-        if (s < num_k) load_tile(s, s);
-        cp_async_commit();
-    }
     const int wm = warp & 1, wn = warp >> 1;
-    for (int kt = 0; kt < num_k; ++kt) {
-        // Group kt (one is committed per k tile, empty ones included) has landed; the barrier also
-        // retires every warp's reads of the stage that the next load overwrites (tile kt - 1's).
-        cp_async_wait<GG_STAGES - 2>();
-        __syncthreads();
-        const int next = kt + GG_STAGES - 1;
-        if (next < num_k) load_tile(next % GG_STAGES, next);
-        cp_async_commit();
-        const int st = kt % GG_STAGES;
-#pragma unroll
-        for (int kk = 0; kk < GG_BK / 16; ++kk) {
-            unsigned a[2][4];
-#pragma unroll
-            for (int mi = 0; mi < 2; ++mi)
-                ldmatrix_x4(a[mi], &a_s[st][wm * 32 + mi * 16 + (lane & 15)][kk * 16 + (lane >> 4) * 8]);
-#pragma unroll
-            for (int q = 0; q < 2; ++q) {
-#pragma unroll
-                for (int nj = 0; nj < 2; ++nj) {
-                    unsigned bq[4];
-                    const int row = q * GG_BN + wn * 32 + nj * 16 + ((lane >> 4) << 3) + (lane & 7);
-                    ldmatrix_x4(bq, &b_s[st][row][kk * 16 + ((lane >> 3) & 1) * 8]);
-#pragma unroll
-                    for (int mi = 0; mi < 2; ++mi) {
-                        mma_bf16_16816(acc[q][mi][nj * 2], a[mi], bq[0], bq[1]);
-                        mma_bf16_16816(acc[q][mi][nj * 2 + 1], a[mi], bq[2], bq[3]);
-                    }
-                }
-            }
-        }
-    }
-    cp_async_wait<0>();
-
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi) {
 #pragma unroll
@@ -565,5 +530,114 @@ __global__ void __launch_bounds__(GG_THREADS) grouped_gate_up_kernel(
                 }
             }
         }
+    }
+}
+
+// grid.x: the group tiles (see above); grid.y: tiles of GG_BN output columns. y has hidden columns; the
+// row of routed slot s is s, the dense row of token t is num_slots + t.
+__global__ void __launch_bounds__(GG_THREADS) grouped_down_kernel(
+    int hidden, const bf16_t* __restrict__ down, int inter, const int* __restrict__ expert_offsets,
+    const int* __restrict__ sorted_slots, int experts, int num_slots, const bf16_t* __restrict__ h_routed,
+    int tokens, const bf16_t* __restrict__ dense_down, int dense_inter, const bf16_t* __restrict__ h_dense,
+    float* __restrict__ y) {
+    __shared__ __align__(16) GroupedShared s;
+    __shared__ float* y_rows[GG_BM];
+    // Launched with programmatic dependent launch: h comes from the kernel before this one.
+    pdl_wait();
+    pdl_launch_dependents();
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    if (warp == 0) grouped_find_tile(s, expert_offsets, experts, dense_down != nullptr, tokens, blockIdx.x);
+    __syncthreads();
+    const int group = s.group;
+    if (group < 0) return;
+    const bool routed = group < experts;
+    const int p0 = (routed ? expert_offsets[group] : 0) + s.tile * GG_BM;
+    const int end = routed ? expert_offsets[group + 1] : tokens;
+    const int K = routed ? inter : dense_inter;
+    const bf16_t* w = routed ? down + (i64)group * hidden * inter : dense_down;
+    const int n0 = blockIdx.y * GG_BN;
+
+    for (int r = tid; r < GG_BM; r += GG_THREADS) {
+        const int p = p0 + r;
+        const bf16_t* a = nullptr;
+        float* yr = nullptr;
+        if (p < end) {
+            const int row = routed ? sorted_slots[p] : num_slots + p;
+            a = routed ? h_routed + (i64)row * inter : h_dense + (i64)p * dense_inter;
+            yr = y + (i64)row * hidden;
+        }
+        s.a_rows[r] = a;
+        y_rows[r] = yr;
+    }
+    for (int r = tid; r < GG_BN; r += GG_THREADS) {
+        const int col = n0 + r;
+        s.b_rows[r] = col < hidden ? w + (i64)col * K : nullptr;
+    }
+    __syncthreads();
+
+    float acc[2][2][4][4];  // [column half][mi][ni][fragment]
+    zero_acc(acc);
+    grouped_mma(s, K, w, acc);
+
+    const int wm = warp & 1, wn = warp >> 1;
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int r = wm * 32 + mi * 16 + (lane >> 2) + half * 8;
+            float* yr = y_rows[r];
+            if (yr == nullptr) continue;
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
+#pragma unroll
+                for (int ni = 0; ni < 4; ++ni) {
+                    const int col = n0 + q * (GG_BN / 2) + wn * 32 + ni * 8 + 2 * (lane & 3);
+                    if (col < hidden)
+                        *reinterpret_cast<float2*>(yr + col) =
+                            make_float2(acc[q][mi][ni][half * 2], acc[q][mi][ni][half * 2 + 1]);
+                }
+            }
+        }
+    }
+}
+
+// out[t, n] = bf16(sum_j w[t k + j] y[t k + j][n] + gate_t y[num_slots + t][n] (+ out[t, n])), the terms
+// in that order. grid (tokens, column chunks of 4 * FFN_COMBINE_THREADS); a thread takes 4 columns.
+// num_slots 0: no routed experts; dense 0: no dense FFN; dense_gate nullptr: dense weight 1.
+constexpr int FFN_COMBINE_THREADS = 128;
+
+__global__ void __launch_bounds__(FFN_COMBINE_THREADS) ffn_combine_kernel(
+    int hidden, int top_k, int num_slots, const float* __restrict__ topk_weights, int dense,
+    const float* __restrict__ dense_gate, const float* __restrict__ y, bf16_t* __restrict__ out, i64 out_row_stride,
+    int accumulate) {
+    // Launched with programmatic dependent launch: y comes from the kernel before this one.
+    pdl_wait();
+    pdl_launch_dependents();
+    const int t = blockIdx.x;
+    const int n = (blockIdx.y * FFN_COMBINE_THREADS + threadIdx.x) * 4;
+    if (n >= hidden) return;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    auto add_row = [&](i64 row, float wt) {
+        const float4 v = *reinterpret_cast<const float4*>(y + row * hidden + n);
+        acc[0] = fmaf(wt, v.x, acc[0]);
+        acc[1] = fmaf(wt, v.y, acc[1]);
+        acc[2] = fmaf(wt, v.z, acc[2]);
+        acc[3] = fmaf(wt, v.w, acc[3]);
+    };
+    if (num_slots > 0) {
+        for (int j = 0; j < top_k; ++j) {
+            const i64 slot = (i64)t * top_k + j;
+            add_row(slot, topk_weights[slot]);
+        }
+    }
+    if (dense) add_row((i64)num_slots + t, dense_gate != nullptr ? dense_gate[t] : 1.0f);
+    bf16_t* o = out + (i64)t * out_row_stride + n;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        float v = acc[e];
+        if (accumulate) v += bf16_to_f32(o[e]);
+        o[e] = f32_to_bf16(v);
     }
 }

@@ -55,9 +55,9 @@ inline sparkinfer_status launch_topk_router(const sparkinfer_context* ctx, const
 }
 
 // Workspace bytes of launch_group_gemm_swiglu / launch_group_gemm_geglu / launch_expert_ffn.
-inline sparkinfer_status expert_ffn_workspace_size(int64_t tokens, int64_t top_k, int64_t inter,
+inline sparkinfer_status expert_ffn_workspace_size(int64_t tokens, int64_t hidden, int64_t top_k, int64_t inter,
                                                    int64_t dense_inter, size_t* bytes) {
-    return sparkinfer_expert_ffn_workspace_size(tokens, top_k, inter, dense_inter, bytes);
+    return sparkinfer_expert_ffn_workspace_size(tokens, hidden, top_k, inter, dense_inter, bytes);
 }
 
 // Any expert FFN call, with the full params struct.
@@ -142,9 +142,9 @@ inline sparkinfer_status launch_dense_ffn(const sparkinfer_context* ctx, int32_t
 }
 
 // Workspace bytes of launch_moe_forward.
-inline sparkinfer_status moe_forward_workspace_size(int64_t tokens, int64_t experts, int64_t top_k, int64_t inter,
-                                                    int64_t dense_inter, size_t* bytes) {
-    return sparkinfer_moe_forward_workspace_size(tokens, experts, top_k, inter, dense_inter, bytes);
+inline sparkinfer_status moe_forward_workspace_size(int64_t tokens, int64_t hidden, int64_t experts, int64_t top_k,
+                                                    int64_t inter, int64_t dense_inter, size_t* bytes) {
+    return sparkinfer_moe_forward_workspace_size(tokens, hidden, experts, top_k, inter, dense_inter, bytes);
 }
 
 // The whole MoE block (router GEMM → top-k → routed experts + dense/shared FFN) on `stream`, with no host

@@ -39,13 +39,15 @@ pub const MAX_TOKENS: i64 = 65536;
 /// Largest hidden or intermediate size.
 pub const MAX_FFN_DIM: i64 = 65536;
 
-/// Token tiles of the router kernel (template MT).
-const TOKEN_TILES: [usize; 5] = [1, 2, 4, 8, 16];
+/// Tiles of 16 tokens per block of the tensor-core router (template MT): one up to 64 tokens, then four, so
+/// that each load of the router weights serves 64 tokens.
+const ROUTER_MMA_TILES: [usize; 2] = [1, 4];
 /// Token tiles of the gate/up kernel: 16 tokens of gate and up accumulators spill, so larger groups take
 /// several passes over L1-resident rows.
 const GATE_UP_TILES: [usize; 4] = [1, 2, 4, 8];
 /// Warps per block, as ROUTER_WARPS / TOPK_WARPS / FFN_WARPS in the kernels.
 const ROUTER_WARPS: usize = 8;
+const ROUTER_MMA_WARPS: usize = 8;
 const TOPK_WARPS: usize = 16;
 const FFN_WARPS: usize = 4;
 /// Output rows per block and warps per output row of the down kernel (DOWN_ROWS, DOWN_SPLIT).
@@ -56,16 +58,27 @@ fn token_tile(tokens: usize) -> usize {
     tokens.min(16).next_power_of_two()
 }
 
-fn router_name(mt: usize, transform: bool) -> KernelName {
-    kernel_name!("router_gemm_kernel<{mt}, {transform}>")
+/// The router kernel for `tokens`: one token on CUDA cores (a GEMV bound by reading the weights once),
+/// more on tensor cores.
+fn router_name(tokens: usize, transform: bool) -> KernelName {
+    if tokens == 1 {
+        kernel_name!("router_gemv_kernel<{transform}>")
+    } else {
+        kernel_name!("router_mma_kernel<{}, {transform}>", router_mma_tile(tokens))
+    }
+}
+
+fn router_mma_tile(tokens: usize) -> usize {
+    if tokens <= 64 {
+        ROUTER_MMA_TILES[0]
+    } else {
+        ROUTER_MMA_TILES[1]
+    }
 }
 
 fn router_instantiations() -> Vec<String> {
-    let mut v: Vec<String> = TOKEN_TILES
-        .iter()
-        .flat_map(|&mt| [router_name(mt, false), router_name(mt, true)])
-        .map(|n| n.to_string())
-        .collect();
+    let mut v: Vec<String> =
+        [1, 2, 65].iter().flat_map(|&t| [router_name(t, false), router_name(t, true)]).map(|n| n.to_string()).collect();
     v.push("topk_router_kernel".into());
     v.push("expert_index_kernel".into());
     v
@@ -86,6 +99,14 @@ fn grouped_gate_up_name(act: Activation) -> KernelName {
     kernel_name!("grouped_gate_up_kernel<{}>", act_code(act))
 }
 
+/// Dynamic shared memory of a grouped kernel, as GroupedShared: GG_STAGES stages of GG_BM A rows and
+/// 2·GG_BN B rows of GG_BK + 8 bf16, three row-pointer arrays, two ints.
+fn grouped_shared_bytes() -> usize {
+    let stages = GG_STAGES * (GG_BM + 2 * GG_BN) * (GG_BK + 8) * 2;
+    let pointers = (GG_BM + 2 * GG_BN + GG_BM) * 8;
+    (stages + pointers + 8).next_multiple_of(8)
+}
+
 /// From this many tokens on, the FFN runs as grouped GEMMs on tensor cores plus a combine; below, the
 /// decode kernels take every token in one pass (lane m of a down warp accumulates token m).
 const GROUPED_MIN_TOKENS: usize = 33;
@@ -94,6 +115,8 @@ const GROUPED_MIN_TOKENS: usize = 33;
 const GG_BM: usize = 64;
 const GG_BN: usize = 64;
 const GD_BN: usize = 128;
+const GG_STAGES: usize = 3;
+const GG_BK: usize = 64;
 const GG_THREADS: usize = 128;
 /// Threads per block of the combine, 4 columns each (FFN_COMBINE_THREADS).
 const COMBINE_THREADS: usize = 128;
@@ -220,8 +243,7 @@ fn validate_router(a: &RouterGemmArgs) -> Result<RouterChecked> {
 /// As [`router_gemm`]; `c` validated.
 unsafe fn launch_router(device: &Device, c: &RouterChecked, stream: Stream) -> Result<()> {
     let tokens = c.x.rows;
-    let mt = token_tile(tokens);
-    let kernel = device.kernel(&ROUTER_SOURCE, &router_name(mt, c.scale.is_some()))?;
+    let kernel = device.kernel(&ROUTER_SOURCE, &router_name(tokens, c.scale.is_some()))?;
     let mut x = c.x.ptr;
     let mut xs = c.x.row_stride as i64;
     let mut w = c.weight.ptr;
@@ -233,8 +255,14 @@ unsafe fn launch_router(device: &Device, c: &RouterChecked, stream: Stream) -> R
     let mut e = c.weight.rows as i32;
     let mut h = c.x.cols as i32;
     let mut args = crate::kernel_args![x, xs, w, scale, eps, logits, ls, t, e, h];
-    let grid = (c.weight.rows.div_ceil(ROUTER_WARPS) as u32, tokens.div_ceil(mt) as u32, 1);
-    device.launch(&kernel, grid, ((ROUTER_WARPS * 32) as u32, 1, 1), 0, stream.raw(), &mut args)
+    let experts = c.weight.rows;
+    let (grid, block) = if tokens == 1 {
+        ((experts.div_ceil(ROUTER_WARPS) as u32, tokens as u32, 1), ROUTER_WARPS * 32)
+    } else {
+        let rows = 16 * router_mma_tile(tokens);
+        ((experts.div_ceil(16) as u32, tokens.div_ceil(rows) as u32, 1), ROUTER_MMA_WARPS * 32)
+    };
+    device.launch(&kernel, grid, (block as u32, 1, 1), 0, stream.raw(), &mut args)
 }
 
 fn cpu_router(c: &RouterChecked) {
@@ -736,6 +764,8 @@ unsafe fn launch_ffn(device: &Device, c: &FfnChecked, stream: Stream) -> Result<
     let mut d_gate = ws + c.layout.dense_gate as u64;
     if tokens >= GROUPED_MIN_TOKENS {
         let kernel = device.kernel(&FFN_SOURCE, &grouped_gate_up_name(c.act))?;
+        let shared = grouped_shared_bytes();
+        kernel.set_max_dynamic_shared(shared as u32)?;
         let mut experts = c.routed.as_ref().map_or(0, |r| r.experts) as i32;
         let mut args = crate::kernel_args![
             x,
@@ -756,7 +786,7 @@ unsafe fn launch_ffn(device: &Device, c: &FfnChecked, stream: Stream) -> Result<
             d_gate
         ];
         let grid = (grouped_tiles(c, tokens) as u32, r_inter.max(d_inter).div_ceil(GG_BN) as u32, 1);
-        device.launch_dependent(&kernel, grid, (GG_THREADS as u32, 1, 1), 0, stream.raw(), &mut args)?;
+        device.launch_dependent(&kernel, grid, (GG_THREADS as u32, 1, 1), shared as u32, stream.raw(), &mut args)?;
     } else {
         let kernel = device.kernel(&FFN_SOURCE, &gate_up_name(c.act, mt))?;
         let mut args = crate::kernel_args![
@@ -794,6 +824,8 @@ unsafe fn launch_ffn(device: &Device, c: &FfnChecked, stream: Stream) -> Result<
     if tokens >= GROUPED_MIN_TOKENS {
         // Down projection per slot into fp32 rows, then the fixed-order top-k sum.
         let kernel = device.kernel(&FFN_SOURCE, "grouped_down_kernel")?;
+        let shared = grouped_shared_bytes();
+        kernel.set_max_dynamic_shared(shared as u32)?;
         let mut experts = c.routed.as_ref().map_or(0, |r| r.experts) as i32;
         let mut y = ws + c.layout.y as u64;
         let mut args = crate::kernel_args![
@@ -812,7 +844,7 @@ unsafe fn launch_ffn(device: &Device, c: &FfnChecked, stream: Stream) -> Result<
             y
         ];
         let grid = (grouped_tiles(c, tokens) as u32, hidden.div_ceil(GD_BN) as u32, 1);
-        device.launch_dependent(&kernel, grid, (GG_THREADS as u32, 1, 1), 0, stream.raw(), &mut args)?;
+        device.launch_dependent(&kernel, grid, (GG_THREADS as u32, 1, 1), shared as u32, stream.raw(), &mut args)?;
 
         let kernel = device.kernel(&FFN_SOURCE, "ffn_combine_kernel")?;
         let mut dense = i32::from(c.dense.is_some());

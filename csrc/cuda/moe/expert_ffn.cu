@@ -298,29 +298,35 @@ __global__ void __launch_bounds__(DOWN_ROWS * DOWN_SPLIT * 32, 3) expert_down_ke
 // the combine in slot order, so the top-k sum is in fp32 with one rounding and in a fixed order.
 // 4 warps in 2 x 2: warp (wm, wn) owns tile rows wm * 32 .. + 32 and B rows wn * 32 .. + 32 of each half
 // q of the B tile (gate_up: q = 0 gate, q = 1 up, the same 64 columns of the intermediate; down: 128
-// consecutive output columns). Shared rows are padded to GG_LD = 40 bf16 (80 bytes): the 8 rows an
-// ldmatrix reads fall in distinct banks.
+// consecutive output columns). Shared rows are padded by 16 bytes to 144: the 8 rows an ldmatrix reads fall
+// in distinct banks.
 // ---------------------------------------------------------------------------------------------------------
 #include "common/mma.cuh"
 
 constexpr int GG_BM = 64;
 constexpr int GG_BN = 128;  // B rows per tile
-constexpr int GG_BK = 32;
+// k tiles of 64: each row of a stage is 128 contiguous bytes of one weight row, which streams from DRAM at
+// 85% of copy bandwidth at qwen3.5 T = 64 where 32 (64-byte pieces) reached 61%.
+constexpr int GG_BK = 64;
 constexpr int GG_STAGES = 3;
-constexpr int GG_LD = GG_BK + 8;
 constexpr int GG_THREADS = 128;
 
+// Shared memory of a grouped kernel (dynamic, 83 KiB; ops::moe::grouped_shared_bytes computes the same
+// size): each stage holds GG_BK / 8 chunks of 16 bytes per row, rows padded by 16 bytes.
 struct GroupedShared {
-    bf16_t a[GG_STAGES][GG_BM][GG_LD];
-    bf16_t b[GG_STAGES][GG_BN][GG_LD];
+    static constexpr int LD = GG_BK + 8;
+    bf16_t a[GG_STAGES][GG_BM][LD];
+    bf16_t b[GG_STAGES][GG_BN][LD];
     const bf16_t* a_rows[GG_BM];  // nullptr: row past the group's end (zero-filled)
     const bf16_t* b_rows[GG_BN];  // nullptr: column past the end (zero-filled)
+    void* out_rows[GG_BM];        // the epilogue's destination row of each tile row
     int group, tile;
 };
 
 // Warp 0 of the block: sets s.group / s.tile of block b (group -1: no tile, the block exits).
-SPK_DEVICE void grouped_find_tile(GroupedShared& s, const int* __restrict__ expert_offsets, int experts,
-                                  bool dense, int tokens, int b) {
+template <class Shared>
+SPK_DEVICE void grouped_find_tile(Shared& s, const int* __restrict__ expert_offsets, int experts, bool dense,
+                                  int tokens, int b) {
     const int lane = threadIdx.x & 31;
     // Tiles of experts e0 .. e0 + 31 by a warp scan, until the running total passes b.
     int group = -1, tile = 0, base = 0;
@@ -361,26 +367,28 @@ SPK_DEVICE void grouped_find_tile(GroupedShared& s, const int* __restrict__ expe
 // set and published by a barrier before the call); `dummy` is any valid global address (the source of
 // zero-filled copies). K is a multiple of 8.
 SPK_DEVICE void grouped_mma(GroupedShared& s, int K, const bf16_t* dummy, float (&acc)[2][2][4][4]) {
+    constexpr int BK = GG_BK;
+    constexpr int CH = BK / 8;  // 16-byte chunks per row and stage
     const int tid = threadIdx.x;
     const int lane = tid & 31;
     const int warp = tid >> 5;
-    const int num_k = (K + GG_BK - 1) / GG_BK;
-    // Stage st <- k tile kt: A is 64 rows x 4 chunks of 16 bytes, B 128 rows x 4 chunks.
+    const int num_k = (K + BK - 1) / BK;
+    // Stage st <- k tile kt: A is 64 rows x CH chunks of 16 bytes, B 128 rows x CH chunks.
     auto load_tile = [&](int st, int kt) {
 #pragma unroll
-        for (int i = 0; i < GG_BM * 4 / GG_THREADS; ++i) {
+        for (int i = 0; i < GG_BM * CH / GG_THREADS; ++i) {
             const int idx = tid + i * GG_THREADS;
-            const int r = idx >> 2, c = idx & 3;
-            const int k = kt * GG_BK + c * 8;
+            const int r = idx / CH, c = idx % CH;
+            const int k = kt * BK + c * 8;
             const bf16_t* src = s.a_rows[r];
             const bool ok = src != nullptr && k < K;
             cp_async_16(&s.a[st][r][c * 8], ok ? src + k : dummy, ok);
         }
 #pragma unroll
-        for (int i = 0; i < GG_BN * 4 / GG_THREADS; ++i) {
+        for (int i = 0; i < GG_BN * CH / GG_THREADS; ++i) {
             const int idx = tid + i * GG_THREADS;
-            const int r = idx >> 2, c = idx & 3;
-            const int k = kt * GG_BK + c * 8;
+            const int r = idx / CH, c = idx % CH;
+            const int k = kt * BK + c * 8;
             const bf16_t* src = s.b_rows[r];
             const bool ok = src != nullptr && k < K;
             cp_async_16(&s.b[st][r][c * 8], ok ? src + k : dummy, ok);
@@ -402,7 +410,7 @@ SPK_DEVICE void grouped_mma(GroupedShared& s, int K, const bf16_t* dummy, float 
         cp_async_commit();
         const int st = kt % GG_STAGES;
 #pragma unroll
-        for (int kk = 0; kk < GG_BK / 16; ++kk) {
+        for (int kk = 0; kk < BK / 16; ++kk) {
             unsigned a[2][4];
 #pragma unroll
             for (int mi = 0; mi < 2; ++mi)
@@ -446,8 +454,10 @@ __global__ void __launch_bounds__(GG_THREADS) grouped_gate_up_kernel(
     int inter, const int* __restrict__ expert_offsets, const int* __restrict__ sorted_slots, int experts,
     bf16_t* __restrict__ h_routed, int tokens, const bf16_t* __restrict__ dense_gate_up, int dense_inter,
     const bf16_t* __restrict__ dense_gate_weight, bf16_t* __restrict__ h_dense, float* __restrict__ dense_gate) {
-    __shared__ __align__(16) GroupedShared s;
-    __shared__ bf16_t* h_rows[GG_BM];
+    extern __shared__ uint4 shared_raw[];
+    if (dynamic_shared_bytes() < sizeof(GroupedShared)) __trap();
+    GroupedShared& s = *reinterpret_cast<GroupedShared*>(shared_raw);
+    bf16_t** h_rows = reinterpret_cast<bf16_t**>(s.out_rows);
     // Launched with programmatic dependent launch: the routing is written by the kernel before this one.
     pdl_wait();
     pdl_launch_dependents();
@@ -540,8 +550,10 @@ __global__ void __launch_bounds__(GG_THREADS) grouped_down_kernel(
     const int* __restrict__ sorted_slots, int experts, int num_slots, const bf16_t* __restrict__ h_routed,
     int tokens, const bf16_t* __restrict__ dense_down, int dense_inter, const bf16_t* __restrict__ h_dense,
     float* __restrict__ y) {
-    __shared__ __align__(16) GroupedShared s;
-    __shared__ float* y_rows[GG_BM];
+    extern __shared__ uint4 shared_raw[];
+    if (dynamic_shared_bytes() < sizeof(GroupedShared)) __trap();
+    GroupedShared& s = *reinterpret_cast<GroupedShared*>(shared_raw);
+    float** y_rows = reinterpret_cast<float**>(s.out_rows);
     // Launched with programmatic dependent launch: h comes from the kernel before this one.
     pdl_wait();
     pdl_launch_dependents();

@@ -2,6 +2,7 @@
 // softmax or sigmoid scoring, and the expert index (counts, exclusive offsets, token slots grouped by
 // expert) -- all in GPU memory, so nothing is read back by the host.
 #include "common/common.cuh"
+#include "common/mma.cuh"
 
 constexpr int ROUTER_WARPS = 8;
 constexpr int ROUTER_UNROLL = 8;
@@ -12,50 +13,44 @@ constexpr int TOPK_PER_LANE = TOPK_MAX_EXPERTS / 32;
 #define NEG_INF __int_as_float(0xff800000u)
 
 // ---------------------------------------------------------------------------------------------------------
-// Router GEMM. One warp owns one expert row of Wr and MT tokens: at decode the kernel is bound by reading Wr
-// once, like the GEMV. With TRANSFORM the input is RMSNorm-without-weight(x) * scale * H^-0.5 (Gemma 4):
-// the per-token factor rsqrt(mean(x^2) + eps) * H^-0.5 is pulled out of the dot product, so only
-// x * scale enters the inner loop and the norm costs one block reduction per token.
+// Router GEMV for one token (decode). One warp owns one expert row of Wr; grid.y is the token. The kernel is
+// bound by reading Wr once, like the GEMV. With TRANSFORM the input is RMSNorm-without-weight(x) * scale *
+// H^-0.5 (Gemma 4): the factor rsqrt(mean(x^2) + eps) * H^-0.5 is pulled out of the dot product, so only
+// x * scale enters the inner loop and the norm costs one block reduction. Launch bounds as the tensor-core router's
+// below (without the minimum, ptxas spilled 4 bytes on sm_100 and later).
 // ---------------------------------------------------------------------------------------------------------
-template <int MT, bool TRANSFORM>
-__global__ void __launch_bounds__(ROUTER_WARPS * 32) router_gemm_kernel(
+template <bool TRANSFORM>
+__global__ void __launch_bounds__(ROUTER_WARPS * 32, 1) router_gemv_kernel(
     const bf16_t* __restrict__ x, i64 x_row_stride, const bf16_t* __restrict__ w, const bf16_t* __restrict__ scale,
     float eps, float* __restrict__ logits, i64 logits_row_stride, int tokens, int experts, int hidden) {
-    __shared__ float row_factor[MT];
+    __shared__ float row_factor;
     __shared__ float reduce_scratch[32];
     // The top-k kernel that follows (programmatic dependent launch) may be scheduled now: it waits for this
     // grid's completion before reading the logits, so only its launch latency is hidden.
     pdl_launch_dependents();
     const int lane = threadIdx.x & 31;
-    const int t0 = blockIdx.y * MT;
-    const int nt = min(MT, tokens - t0);
+    const int t = blockIdx.y;
     const int num_vec = hidden >> 3;
-    const bf16_t* xb = x + (i64)t0 * x_row_stride;
+    const bf16_t* xt = x + (i64)t * x_row_stride;
 
     if (TRANSFORM) {
-        // Every block recomputes the norm of its tokens: MT rows of x are a few KiB from L2, cheaper than
-        // a separate launch.
-        for (int m = 0; m < nt; ++m) {
-            float ss = 0.0f;
-            for (int v = threadIdx.x; v < num_vec; v += blockDim.x) {
-                float xf[8];
-                bf16x8_to_f32(load_u128_ro(xb + m * x_row_stride + (i64)v * 8), xf);
+        // Every block recomputes the norm: one row of x is a few KiB from L2, cheaper than a launch.
+        float ss = 0.0f;
+        for (int v = threadIdx.x; v < num_vec; v += blockDim.x) {
+            float xf[8];
+            bf16x8_to_f32(load_u128_ro(xt + (i64)v * 8), xf);
 #pragma unroll
-                for (int j = 0; j < 8; ++j) ss = fmaf(xf[j], xf[j], ss);
-            }
-            ss = block_reduce_sum(ss, reduce_scratch);
-            if (threadIdx.x == 0) row_factor[m] = rsqrtf(ss / (float)hidden + eps) * rsqrtf((float)hidden);
+            for (int j = 0; j < 8; ++j) ss = fmaf(xf[j], xf[j], ss);
         }
+        ss = block_reduce_sum(ss, reduce_scratch);
+        if (threadIdx.x == 0) row_factor = rsqrtf(ss / (float)hidden + eps) * rsqrtf((float)hidden);
         __syncthreads();
     }
 
     const int row = blockIdx.x * ROUTER_WARPS + (threadIdx.x >> 5);
     if (row >= experts) return;
     const bf16_t* w_row = w + (i64)row * hidden;
-    float acc[MT];
-#pragma unroll
-    for (int m = 0; m < MT; ++m) acc[m] = 0.0f;
-
+    float acc = 0.0f;
     for (int base = 0; base < num_vec; base += 32 * ROUTER_UNROLL) {
         uint4 wv[ROUTER_UNROLL];
 #pragma unroll
@@ -67,7 +62,7 @@ __global__ void __launch_bounds__(ROUTER_WARPS * 32) router_gemm_kernel(
         for (int u = 0; u < ROUTER_UNROLL; ++u) {
             const int v = base + u * 32 + lane;
             if (v < num_vec) {
-                float wf[8];
+                float wf[8], xf[8];
                 bf16x8_to_f32(wv[u], wf);
                 if (TRANSFORM) {
                     float sf[8];
@@ -75,26 +70,161 @@ __global__ void __launch_bounds__(ROUTER_WARPS * 32) router_gemm_kernel(
 #pragma unroll
                     for (int j = 0; j < 8; ++j) wf[j] *= sf[j];
                 }
+                bf16x8_to_f32(load_u128_ro(xt + (i64)v * 8), xf);
 #pragma unroll
-                for (int m = 0; m < MT; ++m) {
-                    if (m < nt) {
-                        float xf[8];
-                        bf16x8_to_f32(load_u128_ro(xb + m * x_row_stride + (i64)v * 8), xf);
+                for (int j = 0; j < 8; ++j) acc = fmaf(wf[j], xf[j], acc);
+            }
+        }
+    }
+    acc = warp_reduce_sum(acc);
+    if (lane == 0) logits[(i64)t * logits_row_stride + row] = acc * (TRANSFORM ? row_factor : 1.0f);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Router GEMM on tensor cores, for more than one token: a block computes 16 tokens x 16 experts with
+// mma.sync m16n8k16 (bf16 in, fp32 accumulators), its 8 warps splitting the hidden dimension (warp w takes
+// the 32-wide k steps w, w + 8, ...), then sums the warps' partial tiles in warp order through shared
+// memory: deterministic, and the weights are read once per 16 tokens instead of once per token.
+// Fragments come straight from global memory (L1/L2): lane (g, c) loads 16 bytes at k = k0 + 8c of rows g
+// and g + 8 of x and of Wr, which feed two k16 steps. The k order inside a step is permuted the same way
+// for both operands (the physical k of logical 2c, 2c+1, 2c+8, 2c+9 are 8c .. 8c+3 in the first step,
+// 8c+4 .. 8c+7 in the second), which leaves the dot products unchanged.
+// With TRANSFORM the product x * scale (exact in fp32) enters as two bf16 operands, hi = bf16(p) and
+// lo = bf16(p - hi), so the input keeps about 16 bits of precision; the squares of x for the norm are
+// summed from the same loads.
+// ---------------------------------------------------------------------------------------------------------
+constexpr int ROUTER_MMA_WARPS = 8;
+
+// a (4 bf16 pairs) times the matching scale pairs, split into hi and lo bf16 pairs; ss += x^2.
+SPK_DEVICE void scale_split(const uint4& x, const uint4& sc, uint4& hi, uint4& lo, float& ss) {
+    const unsigned xs[4] = {x.x, x.y, x.z, x.w};
+    const unsigned ws[4] = {sc.x, sc.y, sc.z, sc.w};
+    unsigned h[4], l[4];
 #pragma unroll
-                        for (int j = 0; j < 8; ++j) acc[m] = fmaf(wf[j], xf[j], acc[m]);
-                    }
+    for (int i = 0; i < 4; ++i) {
+        float x0, x1, s0, s1;
+        unpack_bf16x2(xs[i], x0, x1);
+        unpack_bf16x2(ws[i], s0, s1);
+        ss = fmaf(x0, x0, fmaf(x1, x1, ss));
+        const float p0 = x0 * s0, p1 = x1 * s1;
+        h[i] = pack_bf16x2(p0, p1);
+        float h0, h1;
+        unpack_bf16x2(h[i], h0, h1);
+        l[i] = pack_bf16x2(p0 - h0, p1 - h1);
+    }
+    hi = make_uint4(h[0], h[1], h[2], h[3]);
+    lo = make_uint4(l[0], l[1], l[2], l[3]);
+}
+
+// acc[n] += (16 x 32 block a of the two x rows) . (16 x 32 block w of the two Wr rows)^T, as two k16 steps.
+SPK_DEVICE void router_mma_step(float (&acc)[2][4], const uint4& a_g, const uint4& a_g8, const uint4& w_g,
+                                const uint4& w_g8) {
+    const unsigned a0[4] = {a_g.x, a_g8.x, a_g.y, a_g8.y};
+    const unsigned a1[4] = {a_g.z, a_g8.z, a_g.w, a_g8.w};
+    mma_bf16_16816(acc[0], a0, w_g.x, w_g.y);
+    mma_bf16_16816(acc[1], a0, w_g8.x, w_g8.y);
+    mma_bf16_16816(acc[0], a1, w_g.z, w_g.w);
+    mma_bf16_16816(acc[1], a1, w_g8.z, w_g8.w);
+}
+
+// grid (ceil(experts / 16), ceil(tokens / (16 MT))): MT tiles of 16 tokens share each load of the weights.
+// The minimum of one block per SM in the launch bounds lifts the register budget that ptxas otherwise chose
+// (it spilled at 128 registers on sm_100 and later); the grid is what fills the SMs here.
+template <int MT, bool TRANSFORM>
+__global__ void __launch_bounds__(ROUTER_MMA_WARPS * 32, 1) router_mma_kernel(
+    const bf16_t* __restrict__ x, i64 x_row_stride, const bf16_t* __restrict__ w, const bf16_t* __restrict__ scale,
+    float eps, float* __restrict__ logits, i64 logits_row_stride, int tokens, int experts, int hidden) {
+    constexpr int ROWS = 16 * MT;
+    __shared__ float part[ROUTER_MMA_WARPS][ROWS][17];
+    __shared__ float part_ss[ROUTER_MMA_WARPS][ROWS];
+    // As the CUDA-core router: the top-k launch may be scheduled now; it waits for this grid to finish.
+    pdl_launch_dependents();
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int g = lane >> 2, c = lane & 3;
+    const int e0 = blockIdx.x * 16, t0 = blockIdx.y * ROWS;
+    // Token rows t0 + 8 j + g (j = 2m for row g of tile m, 2m + 1 for row g + 8), expert rows e0 + g, + 8.
+    bool x_ok[2 * MT];
+    const bf16_t* x_row[2 * MT];
+#pragma unroll
+    for (int j = 0; j < 2 * MT; ++j) {
+        const int t = t0 + 8 * j + g;
+        x_ok[j] = t < tokens;
+        x_row[j] = x + (i64)(x_ok[j] ? t : 0) * x_row_stride;
+    }
+    const bool w_ok[2] = {e0 + g < experts, e0 + g + 8 < experts};
+    const bf16_t* w_row[2] = {w + (i64)(w_ok[0] ? e0 + g : 0) * hidden, w + (i64)(w_ok[1] ? e0 + g + 8 : 0) * hidden};
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+
+    float acc[MT][2][4];
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+            for (int f = 0; f < 4; ++f) acc[m][n][f] = 0.0f;
+    float ss[2 * MT];
+#pragma unroll
+    for (int j = 0; j < 2 * MT; ++j) ss[j] = 0.0f;
+    const int steps = (hidden + 31) / 32;
+    // Two steps per trip with MT = 1, their loads issued together.
+    constexpr int U = MT == 1 ? 2 : 1;
+    for (int s0 = warp; s0 < steps; s0 += U * ROUTER_MMA_WARPS) {
+        uint4 xa[U][2 * MT], wb[U][2], sc[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int k = (s0 + u * ROUTER_MMA_WARPS) * 32 + 8 * c;
+            const bool k_ok = s0 + u * ROUTER_MMA_WARPS < steps && k < hidden;
+#pragma unroll
+            for (int j = 0; j < 2 * MT; ++j) xa[u][j] = k_ok && x_ok[j] ? load_u128_ro(x_row[j] + k) : zero;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) wb[u][h] = k_ok && w_ok[h] ? load_u128_ro(w_row[h] + k) : zero;
+            if (TRANSFORM) sc[u] = k_ok ? load_u128_ro(scale + k) : zero;
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+#pragma unroll
+            for (int m = 0; m < MT; ++m) {
+                if (TRANSFORM) {
+                    uint4 hi[2], lo[2];
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) scale_split(xa[u][2 * m + h], sc[u], hi[h], lo[h], ss[2 * m + h]);
+                    router_mma_step(acc[m], hi[0], hi[1], wb[u][0], wb[u][1]);
+                    router_mma_step(acc[m], lo[0], lo[1], wb[u][0], wb[u][1]);
+                } else {
+                    router_mma_step(acc[m], xa[u][2 * m], xa[u][2 * m + 1], wb[u][0], wb[u][1]);
                 }
             }
         }
     }
 #pragma unroll
-    for (int m = 0; m < MT; ++m) acc[m] = warp_reduce_sum(acc[m]);
+    for (int m = 0; m < MT; ++m)
 #pragma unroll
-    for (int m = 0; m < MT; ++m) {
-        if (lane == m && m < nt) {
-            const float f = TRANSFORM ? row_factor[m] : 1.0f;
-            logits[(i64)(t0 + m) * logits_row_stride + row] = acc[m] * f;
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+            for (int f = 0; f < 4; ++f) part[warp][16 * m + g + 8 * (f >> 1)][n * 8 + 2 * c + (f & 1)] = acc[m][n][f];
+    if (TRANSFORM) {
+#pragma unroll
+        for (int j = 0; j < 2 * MT; ++j) {
+            ss[j] += __shfl_xor_sync(0xffffffffu, ss[j], 1);
+            ss[j] += __shfl_xor_sync(0xffffffffu, ss[j], 2);
+            if (c == 0) part_ss[warp][8 * j + g] = ss[j];
         }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < ROWS * 16; i += ROUTER_MMA_WARPS * 32) {
+        const int r = i >> 4, col = i & 15;
+        if (t0 + r >= tokens || e0 + col >= experts) continue;
+        float sum = 0.0f;
+#pragma unroll
+        for (int q = 0; q < ROUTER_MMA_WARPS; ++q) sum += part[q][r][col];
+        if (TRANSFORM) {
+            float sq = 0.0f;
+#pragma unroll
+            for (int q = 0; q < ROUTER_MMA_WARPS; ++q) sq += part_ss[q][r];
+            sum *= rsqrtf(sq / (float)hidden + eps) * rsqrtf((float)hidden);
+        }
+        logits[(i64)(t0 + r) * logits_row_stride + e0 + col] = sum;
     }
 }
 

@@ -69,3 +69,34 @@ SPK_DEVICE void mbar_wait(unsigned long long* bar, unsigned parity) {
                      : "memory");
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// Tensor copies (cp.async.bulk.tensor, sm_90 and later, sm_120 included): one instruction moves a whole box
+// of a tensor of up to 5 dimensions, described by a tensor map, from global to shared memory and completes
+// on an mbarrier by the protocol of the bulk copies above. The map (CUtensorMap, encoded on the host by
+// cuTensorMapEncodeTiled) is read by the TMA unit at its generic address: it must sit in kernel parameter
+// space (a `const __grid_constant__` parameter, so that its address is that of the parameter itself),
+// constant or global memory, 64-byte aligned. Every byte of the box counts towards the transaction,
+// including elements out of the tensor's bounds, which land as zeros. With a swizzled map the destination is
+// aligned to the swizzle pattern's repeat (1024 bytes for the 128-byte swizzle), because the pattern follows
+// address bits.
+// ---------------------------------------------------------------------------------------------------------
+struct alignas(64) TensorMap {
+    unsigned long long opaque[16];
+};
+
+// Fetches a tensor map into the TMA unit's descriptor cache ahead of its first copy.
+SPK_DEVICE void prefetch_tensor_map(const TensorMap* map) {
+    asm volatile("prefetch.tensormap [%0];" ::"l"(map) : "memory");
+}
+
+// The box at coordinates (c0, ..., c4) (innermost first, in elements) of a 5-d tensor map into shared memory
+// at `dst_shared` (a shared-window address, see shared_address), completing on `bar`.
+SPK_DEVICE void tensor_copy_5d_g2s(unsigned dst_shared, const TensorMap* map, int c0, int c1, int c2, int c3, int c4,
+                                   unsigned long long* bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5, "
+        "%6}], [%7];" ::"r"(dst_shared),
+        "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4), "r"(shared_address(bar))
+        : "memory");
+}

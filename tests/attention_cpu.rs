@@ -298,6 +298,9 @@ fn bad_arguments_are_named() {
         ("v_cache", |p| p.v_cache.stride_token += 8, SPARKINFER_STATUS_INVALID_ARGUMENT),
         ("k_cache", |p| p.k_cache.stride_head = 4, SPARKINFER_STATUS_INVALID_ARGUMENT),
         ("k_cache", |p| p.k_cache.stride_seq = 0, SPARKINFER_STATUS_INVALID_ARGUMENT),
+        // Tensor maps stride less than 2^40 bytes.
+        ("k_cache", |p| p.k_cache.stride_seq = 1 << 39, SPARKINFER_STATUS_UNSUPPORTED),
+        ("v_cache", |p| p.v_cache.stride_token = 1 << 39, SPARKINFER_STATUS_UNSUPPORTED),
         ("k_cache", |p| p.k_cache.data = null(), SPARKINFER_STATUS_INVALID_ARGUMENT),
         (
             "v_cache",

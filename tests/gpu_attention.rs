@@ -1,6 +1,7 @@
 //! Decode attention on a CUDA GPU against the CPU reference: every head_dim × group specialisation, the
 //! issue's boundary lengths mixed within a batch, windows, Tq > 1 with causal masking, softcap, every
-//! cache layout, paged = contiguous bit for bit, length 0, and a CUDA graph replayed at new lengths.
+//! cache layout, paged = contiguous bit for bit, length 0, out-of-range page ids, the tensor maps' edges
+//! (least alignment, caches shorter than a tile) and a CUDA graph replayed at new lengths.
 //! Run on the GPU machine with `--include-ignored`; each failure names its case and seed.
 //!
 //! With SPARKINFER_TEST_SMALL set (compute-sanitizer runs, where kernels are 10–100× slower) most cases
@@ -13,6 +14,7 @@ use sparkinfer::checks::attention::{
     Layout,
 };
 use sparkinfer::ops::{attention, Backend, Context, Stream};
+use sparkinfer::reference::bf16;
 use sparkinfer::runtime::graph;
 use sparkinfer::testing::{Comparison, Rng, TestBuffer, BF16_TOL};
 
@@ -154,6 +156,18 @@ fn sliding_windows_smaller_and_larger_than_the_length() {
             c.window = Some(window);
             cases.push(c);
         }
+        // The window's first key rounded down to a tile start, in pages (a tile never straddles two) and
+        // head-major: the keys before it in that tile are poisoned like every key outside the window.
+        for (q_len, hq, hkv, d, layout) in [
+            (3, 16, 8, 256, Layout::Paged { page_size: 16 }),
+            (1, 16, 2, 512, Layout::Paged { page_size: 64 }),
+            (2, 8, 8, 64, Layout::HeadMajor),
+        ] {
+            let mut c = base(q_len, hq, hkv, d);
+            c.window = Some(window);
+            c.layout = layout;
+            cases.push(c);
+        }
     }
     if small() {
         for (q_len, window) in [(1, 1024), (3, 1000)] {
@@ -282,6 +296,109 @@ fn paged_and_contiguous_caches_give_identical_outputs() {
             let ldiff = lse.iter().zip(&outputs[0].2).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
             assert_eq!(ldiff, 0, "{what} {layout:?} seed {seed}: {ldiff} lse values differ");
         }
+    }
+}
+
+/// Page ids outside [0, num_pages) read as zeros (the tensor maps' out-of-bounds fill): those pages' keys
+/// score 0 and add nothing to the output. With a window, the pages wholly before every new token's window
+/// may hold any id (a cache that frees them).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn out_of_range_page_ids_read_zeros_and_pages_before_the_window_are_free() {
+    let gpu = Gpu::new();
+    let lens: &[i32] = if small() { &[300, 200] } else { &[1000, 4097] };
+    for (q_len, d, page_size, window) in
+        [(1, 64, 16, None), (2, 256, 64, None), (1, 512, 16, None), (3, 256, 16, Some(100)), (1, 512, 64, Some(130))]
+    {
+        let mut c = at_lens(base(q_len, 16, 2, d), lens);
+        c.layout = Layout::Paged { page_size };
+        c.window = window;
+        let (hkv, cap) = (c.num_kv_heads, c.max_seq_len);
+        let seed = Rng::fresh_seed();
+        let mut rng = Rng::new(seed);
+        let (q, mut k, mut v) = random_inputs(&c, &mut rng);
+        let mut order = page_order(&c, &mut rng);
+        let (kc, vc) = (place_cache(&c, &k, &order), place_cache(&c, &v, &order));
+        let (pages, num_pages) = (cap.div_ceil(page_size), order.len());
+        // usize::MAX reaches the kernel as the page id -1.
+        let bad = [num_pages + 3, usize::MAX];
+        for (b, &len) in c.lens.iter().enumerate() {
+            match window {
+                None => {
+                    // One page inside each sequence out of range: its keys become zeros.
+                    let page = b + 1;
+                    order[b * pages + page] = bad[b % 2];
+                    for j in page * page_size..((page + 1) * page_size).min(cap) {
+                        let o = (b * cap + j) * hkv * d;
+                        k[o..o + hkv * d].fill(bf16::ZERO);
+                        v[o..o + hkv * d].fill(bf16::ZERO);
+                    }
+                }
+                Some(w) => {
+                    let first = (len as usize + 1).saturating_sub(q_len + w);
+                    for page in 0..first / page_size {
+                        order[b * pages + page] = bad[page % 2];
+                    }
+                }
+            }
+        }
+        let run = run_decode(&gpu.ctx, gpu.stream(), &c, &q, &kc, &vc, &order).unwrap();
+        let (want, want_lse) = expected(&gpu.ctx, &c, &q, &k, &v);
+        let cmp = Comparison::new(&run.out, &want);
+        let lcmp = compare_lse(&run.lse, &want_lse);
+        assert!(
+            cmp.passes(BF16_TOL) && lcmp.passes(BF16_TOL),
+            "{} seed {seed}: out {cmp:?}, lse {lcmp:?}",
+            c.describe()
+        );
+    }
+}
+
+/// The tensor maps at the edges of what the op accepts: caches 16 bytes past a 256-byte boundary (with
+/// rows at every 16-byte offset, padded rows), contiguous caches shorter than one 16-key tile (the box
+/// reaches past the tensor), and an oversized stride of a dimension with one element.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn tensor_maps_at_the_least_alignment_short_caches_and_single_dimensions() {
+    let gpu = Gpu::new();
+    let mut cases = Vec::new();
+    for layout in [Layout::TokenMajor { pad: 8 }, Layout::HeadMajor, Layout::Paged { page_size: 16 }] {
+        for (q_len, hq, hkv, d) in [(1, 16, 2, 256), (2, 16, 2, 512), (1, 8, 8, 64), (3, 32, 8, 128)] {
+            let mut c = base(q_len, hq, hkv, d);
+            c.layout = layout;
+            c.cache_shift = 8;
+            cases.push(c);
+        }
+    }
+    for d in [64, 128, 256, 512] {
+        for layout in [Layout::TokenMajor { pad: 0 }, Layout::HeadMajor] {
+            let mut c = at_lens(base(2, 8, 2, d), &[1, 0, 7]);
+            c.layout = layout;
+            cases.push(c);
+        }
+    }
+    run_cases(&gpu, &cases);
+
+    // One sequence and one KV head: a sequence and head stride of 2^40 bytes are never applied.
+    for d in [128, 512] {
+        let c = at_lens(base(1, 8, 1, d), &[if small() { 300 } else { 3000 }]);
+        let seed = Rng::fresh_seed();
+        let mut rng = Rng::new(seed);
+        let (q, k, v) = random_inputs(&c, &mut rng);
+        let (mut kc, mut vc) = (place_cache(&c, &k, &[]), place_cache(&c, &v, &[]));
+        for t in [&mut kc.tensor, &mut vc.tensor] {
+            t.stride_seq = 1 << 39;
+            t.stride_head = 1 << 39;
+        }
+        let run = run_decode(&gpu.ctx, gpu.stream(), &c, &q, &kc, &vc, &[]).unwrap();
+        let (want, want_lse) = expected(&gpu.ctx, &c, &q, &k, &v);
+        let cmp = Comparison::new(&run.out, &want);
+        let lcmp = compare_lse(&run.lse, &want_lse);
+        assert!(
+            cmp.passes(BF16_TOL) && lcmp.passes(BF16_TOL),
+            "{} seed {seed}: out {cmp:?}, lse {lcmp:?}",
+            c.describe()
+        );
     }
 }
 

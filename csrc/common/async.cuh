@@ -32,30 +32,22 @@ SPK_DEVICE unsigned dynamic_shared_bytes() {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Bulk copies (cp.async.bulk, sm_90 and later: the TMA engine without tensor maps or clusters, sm_120
-// included) completing on an mbarrier by byte count: one instruction moves a whole row of up to 1 MiB - 16,
-// where cp.async needs one per 16 bytes. Sizes and both addresses must be multiples of 16 bytes.
-// Protocol of one stage: one thread calls mbar_arrive_expect_tx(bar, total bytes) (the barrier was
-// initialised with count 1), any threads issue bulk_copy_g2s(..., bar) for those bytes, and the readers
-// call mbar_wait(bar, parity) with parity = (use of this barrier, counting from 0) & 1.
+// mbarriers for the TMA unit's copies (sm_90 and later, sm_120 included), which complete on an mbarrier by
+// byte count. Protocol of one stage: one thread calls mbar_arrive_expect_tx(bar, total bytes) (the barrier
+// was initialised with count 1), any threads issue copies of those bytes completing on bar (see
+// tensor_copy_5d_g2s below), and the readers call mbar_wait(bar, parity) with parity = (use of this
+// barrier, counting from 0) & 1.
 // ---------------------------------------------------------------------------------------------------------
 SPK_DEVICE void mbar_init(unsigned long long* bar, unsigned count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(shared_address(bar)), "r"(count) : "memory");
 }
 
-// Makes initialised barriers (and generic writes to shared memory) visible to the async proxy, where bulk
-// copies complete; also needed before a bulk copy overwrites shared memory that generic code read or wrote.
+// Makes initialised barriers (and generic writes to shared memory) visible to the async proxy, where TMA
+// copies complete; also needed before a TMA copy overwrites shared memory that generic code read or wrote.
 SPK_DEVICE void fence_proxy_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
 SPK_DEVICE void mbar_arrive_expect_tx(unsigned long long* bar, unsigned bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(bar)), "r"(bytes)
-                 : "memory");
-}
-
-SPK_DEVICE void bulk_copy_g2s(void* dst_shared, const void* src_global, unsigned bytes, unsigned long long* bar) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                     shared_address(dst_shared)),
-                 "l"(src_global), "r"(bytes), "r"(shared_address(bar))
                  : "memory");
 }
 
@@ -68,4 +60,34 @@ SPK_DEVICE void mbar_wait(unsigned long long* bar, unsigned parity) {
                      : "r"(a), "r"(parity)
                      : "memory");
     }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Tensor copies (cp.async.bulk.tensor, sm_90 and later, sm_120 included): one instruction moves a whole box
+// of a tensor of up to 5 dimensions, described by a tensor map, from global to shared memory and completes
+// on an mbarrier (protocol above). The map (CUtensorMap, encoded on the host by cuTensorMapEncodeTiled) is
+// read by the TMA unit at its generic address: it must sit in kernel parameter space (a `const
+// __grid_constant__` parameter, so that its address is that of the parameter itself), constant or global
+// memory, 64-byte aligned. Every byte of the box counts towards the transaction, including elements out of
+// the tensor's bounds, which land as zeros. With a swizzled map the destination is aligned to the swizzle
+// pattern's repeat (1024 bytes for the 128-byte swizzle), because the pattern follows address bits.
+// ---------------------------------------------------------------------------------------------------------
+struct alignas(64) TensorMap {
+    unsigned long long opaque[16];
+};
+
+// Fetches a tensor map into the TMA unit's descriptor cache ahead of its first copy.
+SPK_DEVICE void prefetch_tensor_map(const TensorMap* map) {
+    asm volatile("prefetch.tensormap [%0];" ::"l"(map) : "memory");
+}
+
+// The box at coordinates (c0, ..., c4) (innermost first, in elements) of a 5-d tensor map into shared memory
+// at `dst_shared` (a shared-window address, see shared_address), completing on `bar`.
+SPK_DEVICE void tensor_copy_5d_g2s(unsigned dst_shared, const TensorMap* map, int c0, int c1, int c2, int c3, int c4,
+                                   unsigned long long* bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5, "
+        "%6}], [%7];" ::"r"(dst_shared),
+        "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4), "r"(shared_address(bar))
+        : "memory");
 }

@@ -24,6 +24,22 @@ SPK_DEVICE void ldmatrix_x4_trans(unsigned (&r)[4], const void* p) {
                  : "memory");
 }
 
+// As ldmatrix_x4 and ldmatrix_x4_trans, from a shared-window address (see shared_address): for layouts whose
+// addresses are computed as offsets from a tile's base rather than as C++ pointers.
+SPK_DEVICE void ldmatrix_x4(unsigned (&r)[4], unsigned a) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a)
+                 : "memory");
+}
+
+SPK_DEVICE void ldmatrix_x4_trans(unsigned (&r)[4], unsigned a) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a)
+                 : "memory");
+}
+
 // d += a . b for one 16x8x16 tile.
 SPK_DEVICE void mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
     asm volatile(

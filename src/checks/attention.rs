@@ -40,6 +40,9 @@ pub struct DecodeCase {
     pub act_pad: usize,
     /// Run the tensor-core prefill op instead of decode (any q_len up to 8192).
     pub prefill: bool,
+    /// Elements (a multiple of 8) between the start of each cache's allocation and the cache: 8 puts it 16
+    /// bytes past a 256-byte boundary, the least alignment the op accepts.
+    pub cache_shift: usize,
 }
 
 impl DecodeCase {
@@ -61,13 +64,14 @@ impl DecodeCase {
             lse: true,
             act_pad: 0,
             prefill: false,
+            cache_shift: 0,
         }
     }
 
     /// A one-line description for failure messages.
     pub fn describe(&self) -> String {
         format!(
-            "{} Tq={} heads {}/{} hd{} lens {:?} max {} window {:?} causal {} scale {} softcap {:?} {:?} pad {}",
+            "{} Tq={} heads {}/{} hd{} lens {:?} max {} window {:?} causal {} scale {} softcap {:?} {:?} pad {} shift {}",
             if self.prefill { "prefill" } else { "decode" },
             self.q_len,
             self.num_q_heads,
@@ -80,7 +84,8 @@ impl DecodeCase {
             self.scale,
             self.softcap,
             self.layout,
-            self.act_pad
+            self.act_pad,
+            self.cache_shift
         )
     }
 
@@ -315,8 +320,8 @@ pub fn run_decode(
         q_padded[r * pitch..r * pitch + d].copy_from_slice(&q[r * d..(r + 1) * d]);
     }
     let q_buf = TestBuffer::from_slice(ctx, &q_padded)?;
-    let k_buf = TestBuffer::from_slice(ctx, &kc.data)?;
-    let v_buf = TestBuffer::from_slice(ctx, &vc.data)?;
+    let k_buf = cache_buffer(ctx, case, &kc.data)?;
+    let v_buf = cache_buffer(ctx, case, &vc.data)?;
     let lens_buf = TestBuffer::from_slice(ctx, &case.lens)?;
     let table: Vec<i32> = order.iter().map(|&p| p as i32).collect();
     let table_buf = TestBuffer::from_slice(ctx, if table.is_empty() { &[0i32][..] } else { &table })?;
@@ -325,6 +330,8 @@ pub fn run_decode(
     out_buf.poison()?;
     lse_buf.poison()?;
     let mut args = decode_args(case, &q_buf, &k_buf, &v_buf, kc, vc, &lens_buf, &table_buf, &out_buf, &lse_buf);
+    args.k.ptr += case.cache_shift as u64 * 2;
+    args.v.ptr += case.cache_shift as u64 * 2;
     let ws_bytes = if case.prefill { 0 } else { attention::decode_workspace_size(ctx, &args)? };
     let ws_buf = TestBuffer::new(ctx, ws_bytes.max(16))?;
     ws_buf.poison()?;
@@ -344,6 +351,15 @@ pub fn run_decode(
     let out: Vec<bf16> = dense_rows(&raw.iter().map(|&b| bf16::from_bits(b)).collect::<Vec<_>>(), rows, d, pitch);
     let lse: Vec<f32> = if case.lse { lse_buf.download(rows)? } else { Vec::new() };
     Ok(DecodeRun { out: f32s(&out), lse, stray_writes })
+}
+
+/// A placed cache in memory of the context, `case.cache_shift` elements into its buffer (see
+/// [`run_decode`], which points the op there).
+fn cache_buffer<'a>(ctx: &'a Context, case: &DecodeCase, data: &[bf16]) -> Result<TestBuffer<'a>> {
+    if case.cache_shift == 0 {
+        return TestBuffer::from_slice(ctx, data);
+    }
+    TestBuffer::from_slice(ctx, &[&vec![bf16::ZERO; case.cache_shift][..], data].concat())
 }
 
 /// The op's arguments for a case over the given buffers (no workspace yet).
@@ -432,6 +448,7 @@ pub fn model_checks(cpu: bool) -> Vec<ModelCheck> {
                 lse: true,
                 act_pad: if batch { 8 } else { 0 },
                 prefill: false,
+                cache_shift: 0,
             };
             let variant = format!("Tq={q_len} B={} {layout:?}", case.batch());
             checks.push(ModelCheck {

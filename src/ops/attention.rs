@@ -8,8 +8,9 @@
 //! per (sequence, KV head, chunk of 16 rows) and split, rows = the query heads of the KV head's group
 //! times the new tokens, padded to one m16 tile, so each K/V tile is read once for 16 rows (group × Tq
 //! above 16, e.g. group 8 verifying 4 draft tokens, takes several row chunks); each warp, or at D = 512
-//! each pair of warps splitting the output dims, streams its own keys. The split partials are merged by
-//! `attention_combine_kernel`.
+//! each pair of warps splitting the output dims, streams its own keys, 16 at a time by two TMA copies
+//! through tensor maps of the K and V caches encoded per launch (`cache_tensor_map`). The split
+//! partials are merged by `attention_combine_kernel`.
 
 use super::{check_dim, check_ptr, overlaps, Backend, Context, Stream};
 use crate::error::{Error, Result};
@@ -17,6 +18,7 @@ use crate::kernel_name;
 use crate::reference::{self, attention as refattn, bf16};
 use crate::runtime::name::KernelName;
 use crate::runtime::sources::KernelSource;
+use crate::runtime::tensor_map::{self, Bf16Tiled5d, TensorMap};
 
 pub static DECODE_SOURCE: KernelSource = KernelSource {
     name: "attention_decode",
@@ -96,16 +98,19 @@ fn mma_stages(d: usize) -> usize {
     }
 }
 
-/// `sizeof(DecodeMmaShared<D>)`: q [16][D + 8] bf16, then the union of the streams' K/V rings and the
-/// merge area (fp32 O, m and l of every stream).
+/// Alignment the decode kernel gives its rings inside dynamic shared memory (SWIZZLE_ALIGN: the repeat of
+/// the 128-byte swizzle); it may skip up to this many bytes to reach it.
+const SWIZZLE_ALIGN: usize = 1024;
+
+/// `sizeof(DecodeMmaShared<D>)` and the SWIZZLE_ALIGN bytes the kernel may skip before it: the union of
+/// the streams' K/V rings (bf16 tiles of 16 keys × D, unpadded: swizzled) and the merge area (fp32 O, m
+/// and l of every stream), then q [16][D + 8] bf16 and one 8-byte mbarrier per ring stage.
 pub fn decode_mma_shared_bytes(d: usize) -> usize {
-    let pitch = d + 8;
     let (streams, stages) = (mma_streams(d), mma_stages(d));
-    let ring = streams * stages * 2 * MMA_TILE_KEYS * pitch * 2;
+    let ring = streams * stages * 2 * MMA_TILE_KEYS * d * 2;
     let merge = streams * MMA_ROWS * d * 4 + 2 * streams * MMA_ROWS * 4;
-    // One 8-byte mbarrier per ring stage, then q, then the rings (or the merge area).
-    let bytes = streams * stages * 8 + MMA_ROWS * pitch * 2 + ring.max(merge);
-    bytes.div_ceil(8) * 8
+    let bytes = ring.max(merge) + MMA_ROWS * (d + 8) * 2 + streams * stages * 8;
+    bytes.div_ceil(8) * 8 + SWIZZLE_ALIGN
 }
 
 fn decode_mma_name(d: usize) -> KernelName {
@@ -302,6 +307,19 @@ fn check_cache(
         CacheLayout::Contiguous => (batch, max_len),
         CacheLayout::Paged { num_pages, page_size, .. } => (num_pages as usize, page_size as usize),
     };
+    // Decode reads the cache through a tensor map, whose byte strides stay below 2^40 (the stride of a
+    // dimension of one element is never applied, and is not passed on).
+    for (what, s, n) in [
+        ("stride_seq", c.stride_seq, slots),
+        ("stride_token", c.stride_token, tokens),
+        ("stride_head", c.stride_head, hkv),
+    ] {
+        if n > 1 && s as u64 * 2 >= tensor_map::MAX_STRIDE_BYTES {
+            return Err(Error::unsupported(format!(
+                "{name}: {what} {s} elements is 2^40 bytes or more, more than a TMA tensor map can stride"
+            )));
+        }
+    }
     let need = extent_elems(
         &[(slots, c.stride_seq as usize), (tokens, c.stride_token as usize), (hkv, c.stride_head as usize)],
         d,
@@ -394,12 +412,13 @@ fn validate(a: &DecodeArgs, sm_count: usize, max_q_len: i64) -> Result<Plan> {
 
     let rows_total = group * q_len;
     let row_chunks = rows_total.div_ceil(MMA_ROWS);
-    // Split the key range a sequence can have (its window when set) so that the grid fills
-    // mma_ctas_per_sm blocks per SM; a split holds at least one tile per stream (so that a short context
-    // is fetched in one round trip) and whole tiles.
+    // Split the key range a sequence can have so that the grid fills mma_ctas_per_sm blocks per SM; a
+    // split holds at least one tile per stream (so that a short context is fetched in one round trip) and
+    // whole tiles. With a window the range is the window of the first new token and the last, and starts
+    // at the first visible key rounded down to a tile (up to MMA_TILE_KEYS - 1 keys more).
     let (keys, ctas_per_sm) = (mma_streams(d) * MMA_TILE_KEYS, mma_ctas_per_sm(d));
     let span = match a.window {
-        Some(w) => max_len.min(w as usize + q_len - 1),
+        Some(w) => max_len.min(w as usize + q_len - 1 + MMA_TILE_KEYS - 1),
         None => max_len,
     };
     let tiles = span.div_ceil(keys);
@@ -467,6 +486,9 @@ fn validate_shape_only(a: &DecodeArgs, sm_count: usize) -> Result<Plan> {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 struct KernelParams {
+    /// Decode only ([`TensorMap::NONE`] for prefill): the caches as the tensor maps of [`cache_tensor_map`].
+    k_map: TensorMap,
+    v_map: TensorMap,
     q: u64,
     q_stride_batch: i64,
     q_stride_token: i64,
@@ -507,6 +529,45 @@ struct KernelParams {
     softcap: f32,
 }
 
+// The size and alignment decode.cu asserts for DecodeParams, and where each group of fields starts.
+const _: () = {
+    assert!(std::mem::size_of::<KernelParams>() == 512);
+    assert!(std::mem::align_of::<KernelParams>() == 64);
+    assert!(std::mem::offset_of!(KernelParams, v_map) == 128);
+    assert!(std::mem::offset_of!(KernelParams, q) == 256);
+    assert!(std::mem::offset_of!(KernelParams, batch) == 432);
+    assert!(std::mem::offset_of!(KernelParams, softcap) == 492);
+};
+
+/// The tensor map through which the decode kernel reads one cache: 5-d, innermost first (64 elements =
+/// 128 bytes of a head row, token, 64-element chunk of the row, KV head, sequence or page), with the
+/// cache's strides, read in boxes of one tile (64, MMA_TILE_KEYS, D / 64, 1, 1) that land 128-byte
+/// swizzled. Tokens run to max_seq_len (contiguous) or page_size (paged): keys past them, and pages
+/// outside [0, num_pages), read as zeros.
+fn cache_tensor_map(
+    device: &crate::runtime::Device,
+    name: &str,
+    c: &CacheTensor,
+    layout: &CacheLayout,
+    plan: &Plan,
+) -> Result<TensorMap> {
+    let (tokens, slots) = match *layout {
+        CacheLayout::Contiguous => (plan.max_len as u64, plan.batch as u64),
+        CacheLayout::Paged { page_size, num_pages, .. } => (page_size as u64, num_pages as u64),
+    };
+    let dims = [64, tokens, (plan.d / 64) as u64, plan.hkv as u64, slots];
+    let mut strides = [c.stride_token as u64 * 2, 128, c.stride_head as u64 * 2, c.stride_seq as u64 * 2];
+    // A dimension of one element is only read at coordinate 0: any valid stride will do for it (check_cache
+    // lets an oversized one through there).
+    for (stride, &dim) in strides.iter_mut().zip(&dims[1..]) {
+        if dim == 1 {
+            *stride = (*stride).min(tensor_map::MAX_STRIDE_BYTES - 16);
+        }
+    }
+    let boxes = [64, MMA_TILE_KEYS as u32, (plan.d / 64) as u32, 1, 1];
+    Bf16Tiled5d { address: c.ptr, dims, strides, boxes }.encode(device, name)
+}
+
 /// Checks the device buffers of `a` and builds the kernel's parameters (no split partials).
 fn device_params(device: &crate::runtime::Device, a: &DecodeArgs, plan: &Plan) -> Result<KernelParams> {
     let q_extent = extent_elems(
@@ -537,6 +598,8 @@ fn device_params(device: &crate::runtime::Device, a: &DecodeArgs, plan: &Plan) -
         }
     };
     Ok(KernelParams {
+        k_map: TensorMap::NONE,
+        v_map: TensorMap::NONE,
         q: a.q,
         q_stride_batch: plan.q_strides[0] as i64,
         q_stride_token: plan.q_strides[1] as i64,
@@ -608,6 +671,8 @@ pub unsafe fn decode(ctx: &Context, a: &DecodeArgs, stream: Stream) -> Result<()
                 device.check_buffer("workspace", a.workspace, need as u64)?;
             }
             let mut params = device_params(device, a, &plan)?;
+            params.k_map = cache_tensor_map(device, "k_cache", &a.k, &a.layout, &plan)?;
+            params.v_map = cache_tensor_map(device, "v_cache", &a.v, &a.layout, &plan)?;
             if plan.splits > 1 {
                 params.part_o = a.workspace;
                 params.part_lse = a.workspace + (plan.output_rows() * plan.splits * plan.d * 4) as u64;
@@ -702,7 +767,8 @@ unsafe fn decode_cpu(a: &DecodeArgs, plan: &Plan) {
                 let stride =
                     if page_table_stride == 0 { plan.max_len.div_ceil(ps) } else { page_table_stride as usize };
                 let page = unsafe { *(page_table as *const i32).add(b * stride + j / ps) };
-                // As the kernel: an out-of-range page id is clamped into the cache.
+                // As the prefill kernel: an out-of-range page id is clamped into the cache (decode on a GPU
+                // reads its keys as zeros).
                 let page = page.clamp(0, num_pages as i32 - 1) as usize;
                 page * c.stride_seq as usize + (j % ps) * c.stride_token as usize
             }

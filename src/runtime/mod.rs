@@ -9,9 +9,11 @@ pub mod jit;
 pub mod libs;
 pub mod name;
 pub mod sources;
+pub mod tensor_map;
 
 pub use device::{Device, DeviceInfo, Kernel};
 pub use graph::Graph;
+pub use tensor_map::{Bf16Tiled5d, TensorMap};
 
 /// The argument array of a kernel launch, from mutable locals that outlive the launch call:
 /// `let mut args = kernel_args![x, stride, n];` then `device.launch(.., &mut args)`.

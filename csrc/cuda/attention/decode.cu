@@ -15,8 +15,14 @@
 #include "common/async.cuh"
 #include "common/mma.cuh"
 
-// Must match ops::attention::KernelParams field for field (8-byte fields first, then 4-byte ones).
+// Must match ops::attention::KernelParams field for field: the two tensor maps, then the 8-byte fields, then
+// the 4-byte ones; both sides check the size and alignment (NVRTC has no offsetof; the Rust side also
+// checks the offsets of the groups' first fields).
 struct DecodeParams {
+    // Decode only (zeros for prefill and the combine): the K and V caches as 5-d bf16 tensor maps (see
+    // flash_decode_mma_kernel).
+    TensorMap k_map;
+    TensorMap v_map;
     const bf16_t* q;
     i64 q_stride_batch, q_stride_token, q_stride_head;
     const bf16_t* k;
@@ -39,6 +45,8 @@ struct DecodeParams {
     int page_shift, num_pages;
     float scale, softcap;  // softcap <= 0: none
 };
+static_assert(sizeof(DecodeParams) == 512 && alignof(DecodeParams) == 64,
+              "DecodeParams: size or alignment differs from ops::attention::KernelParams");
 
 SPK_DEVICE float neg_inf() { return __int_as_float(0xff800000); }
 
@@ -47,7 +55,8 @@ SPK_DEVICE float softcap_logit(float x, float cap) { return cap > 0.0f ? cap * t
 SPK_DEVICE i64 cache_offset(const DecodeParams& p, int b, int j, int head, i64 s_seq, i64 s_tok, i64 s_head) {
     if (p.page_table == nullptr) return (i64)b * s_seq + (i64)j * s_tok + (i64)head * s_head;
     int page = p.page_table[(i64)b * p.page_table_stride + (j >> p.page_shift)];
-    // A page id outside the cache is the caller's error; clamping keeps the read inside the cache.
+    // A page id outside the cache is the caller's error; clamping keeps the read inside the cache (decode's
+    // tensor maps read such a page as zeros instead).
     page = min(max(page, 0), p.num_pages - 1);
     return (i64)page * s_seq + (i64)(j & ((1 << p.page_shift) - 1)) * s_tok + (i64)head * s_head;
 }
@@ -68,20 +77,31 @@ SPK_DEVICE void zero_partials(const DecodeParams& p, int b, int hkv, int row0, i
 //
 // One CTA handles one (sequence, KV head, chunk of 16 rows) = blockIdx.x and one split = blockIdx.y (rows
 // = token * group + head_in_group); its STREAMS streams of SLICES warps each work independently on
-// different keys: stream s takes the 16-key tiles s, s + STREAMS, ... of the split into its own STAGES-deep ring, and keeps its own online-softmax state and output
-// accumulator in registers. With SLICES > 1 (D = 512, whose full accumulator would not fit in registers)
-// every warp of a stream computes the same scores of the tile (the same instructions on the same data, so
-// bitwise the same m and l) and P V for its D / SLICES output dims.
+// different keys: stream s takes the 16-key tiles s, s + STREAMS, ... of the split into its own
+// STAGES-deep ring, and keeps its own online-softmax state and output accumulator in registers. With
+// SLICES > 1 (D = 512, whose full accumulator would not fit in registers) every warp of a stream computes
+// the same scores of the tile (the same instructions on the same data, so bitwise the same m and l) and
+// P V for its D / SLICES output dims.
 //
 // The kernel is bound by instruction issue unless the per-tile work is small (a few warps per SM stream
-// the whole cache), so a tile costs few instructions: its 16 K rows and 16 V rows arrive by 32 bulk copies
-// (cp.async.bulk, one per row, issued by one lane each, completing on the stage's mbarrier); whole tiles
+// the whole cache), so a tile costs few instructions: its 16 K rows and its 16 V rows arrive by one
+// tensor-map copy each (cp.async.bulk.tensor, issued by one thread, completing on the stage's mbarrier:
+// two TMA requests per tile, where one per row left the TMA unit's request rate as the limit); whole tiles
 // inside every row's visible range skip the per-element mask; the accumulator is rescaled only when a
 // row's running max moved; exponentials are ex2.approx on log2-scaled scores.
 // Per tile, as in prefill: S = Q K^T (the rows padded to M = 16, Q from shared memory by ldmatrix) and
 // O += P V run as mma.sync m16n8k16 (bf16 in, fp32 accumulators), P re-packed as bf16 A fragments. At
 // the end the streams' (m, l, O) are merged through shared memory (reusing the rings) and the split's
 // rows written: the output (or, with splits, fp32 partials and lse for the combine).
+//
+// The tensor maps (encoded on the host per launch, ops::attention) view a cache as 5-d, innermost first:
+// (64 elements = 128 bytes of a head row, token, 64-element chunk of the row, KV head, sequence) for a
+// contiguous cache, (..., page_size tokens, ..., page) for a paged one, with the caller's strides. The box
+// (64, 16, D / 64, 1, 1) at (0, first key of the tile, 0, KV head, sequence or page) is one tile, and lands
+// in shared memory as [D / 64][16 keys][128 bytes] with the 128-byte swizzle (tile_offset). Keys past the
+// tensor's extent (max_len, or a page id outside [0, num_pages)) land as zeros. Every tile starts at a
+// multiple of 16 keys (the sequence's first visible key is rounded down to one), so that with pages of 16
+// tokens or more a tile never straddles two pages.
 template <int D> struct DecodeMma {
     static constexpr int WARPS = D >= 256 ? 2 : 4;
     static constexpr int SLICES = D >= 512 ? 2 : 1;  // warps per stream, each owning D / SLICES output dims
@@ -89,30 +109,57 @@ template <int D> struct DecodeMma {
     static constexpr int DO = D / SLICES;
     static constexpr int STAGES = D <= 64 ? 3 : 2;
     static constexpr int THREADS = WARPS * 32;
-    static constexpr int N = 16;        // keys per warp tile
-    static constexpr int PITCH = D + 8;  // rows padded by 16 bytes: conflict-free ldmatrix
+    static constexpr int N = 16;         // keys per warp tile
+    static constexpr int PITCH = D + 8;  // q rows padded by 16 bytes: conflict-free ldmatrix
     static constexpr int VECS = D / 8;
+    static constexpr int TILE_BYTES = N * D * 2;  // one K or V tile, the tensor maps' box
 };
 
-// Shared memory of one CTA; ops::attention::decode_mma_shared_bytes computes the same size.
+// Alignment of the rings in shared memory: the 128-byte swizzle pattern repeats every 1024 bytes and
+// follows the address bits, so a tile must start at a multiple of it to be laid out as tile_offset says.
+// The dynamic shared memory is only 16-byte aligned; the kernel aligns its base, which costs up to this
+// many bytes on top of sizeof(DecodeMmaShared) (ops::attention::decode_mma_shared_bytes counts them).
+constexpr int SWIZZLE_ALIGN = 1024;
+
+// Shared memory of one CTA; ops::attention::decode_mma_shared_bytes computes the same size. The rings come
+// first, at the SWIZZLE_ALIGN-aligned base; every tile's size is a multiple of 2048 bytes, so every tile
+// is aligned too.
 template <int D> struct DecodeMmaShared {
     using T = DecodeMma<D>;
     struct Ring {
-        bf16_t k[T::N][T::PITCH];
-        bf16_t v[T::N][T::PITCH];
+        bf16_t k[T::N * D];  // [D / 64][N][64], swizzled: see tile_offset
+        bf16_t v[T::N * D];
     };
     struct Merge {
         float o[T::STREAMS][16][D];
         float m[T::STREAMS][16];
         float l[T::STREAMS][16];
     };
-    unsigned long long bar[T::STREAMS][T::STAGES];  // one mbarrier per ring stage
-    bf16_t q[16][T::PITCH];
     union {
         Ring ring[T::STREAMS][T::STAGES];
         Merge merge;  // after every warp has finished its tiles
     } u;
+    bf16_t q[16][T::PITCH];
+    unsigned long long bar[T::STREAMS][T::STAGES];  // one mbarrier per ring stage
 };
+
+// Byte offset, in a K or V tile as a tensor-map box lands with the 128-byte swizzle, of the 16-byte unit
+// `unit` (elements 8 unit .. 8 unit + 7) of key `key`: the unit's 128-byte line is (chunk unit / 8, key),
+// i.e. line 16 (unit / 8) + key, and within each 1024-byte group of 8 lines the unit's place in its line
+// is XORed with the line's index in the group (key mod 8, as every chunk starts at a multiple of 8 lines).
+// The 8 keys an ldmatrix matrix reads at one column so fall in 8 different 16-byte bank groups.
+SPK_DEVICE unsigned tile_offset(int key, int unit) {
+    return (unsigned)((unit >> 3) * (16 * 128) + key * 128 + (((unit ^ key) & 7) << 4));
+}
+
+// The shared-window address of unit u + step of the key whose unit u is at `lane_address` = tile +
+// tile_offset(key, u), for u mod 8 < 2, an even step and a SWIZZLE_ALIGN-aligned tile: u + step stays in
+// u's chunk up to step mod 8, whose place in the line is u's XOR step mod 8 (address bits 4-6, which the
+// tile and the key's line leave clear), and step / 8 chunks are 16 lines each. One logic operation on a
+// register that stays the same for the tile, the rest an immediate when step is a constant.
+SPK_DEVICE unsigned swizzled_step(unsigned lane_address, int step) {
+    return (lane_address ^ ((unsigned)(step & 7) << 4)) + (unsigned)(step >> 3) * (16 * 128);
+}
 
 // 2^x, ex2.approx (relative error about 2^-22; ex2(-inf) = 0).
 SPK_DEVICE float fast_exp2(float x) {
@@ -125,12 +172,17 @@ constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 
 template <int D>
-__global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1) flash_decode_mma_kernel(const DecodeParams p) {
+__global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
+    flash_decode_mma_kernel(const __grid_constant__ DecodeParams p) {
     using T = DecodeMma<D>;
     using Shared = DecodeMmaShared<D>;
+    static_assert(T::N == 16 && D % 64 == 0, "tile_offset: 16-key tiles of 64-element chunks");
+    static_assert(sizeof(typename Shared::Ring) % SWIZZLE_ALIGN == 0 && T::TILE_BYTES % SWIZZLE_ALIGN == 0,
+                  "every tile keeps the rings' alignment");
     extern __shared__ uint4 shared_raw[];
-    if (dynamic_shared_bytes() < sizeof(Shared)) __trap();
-    Shared& s = *reinterpret_cast<Shared*>(shared_raw);
+    const unsigned pad = (0u - shared_address(shared_raw)) & (SWIZZLE_ALIGN - 1);
+    if (dynamic_shared_bytes() < sizeof(Shared) + pad) __trap();
+    Shared& s = *reinterpret_cast<Shared*>(reinterpret_cast<char*>(shared_raw) + pad);
     constexpr int VECS = T::VECS;
     constexpr int DT = T::DO / 8;  // n8 tiles of this warp's O slice
     constexpr int S = T::STAGES;
@@ -162,6 +214,11 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1) flash_decode_mma_ker
         mbar_init(&s.bar[tid / S][tid % S], 1);
         fence_proxy_async_shared();
     }
+    // The maps are kernel parameters, not data of the kernel before this one: fetched before the wait.
+    if (tid == 0) {
+        prefetch_tensor_map(&p.k_map);
+        prefetch_tensor_map(&p.v_map);
+    }
     // Launched with programmatic dependent launch: nothing is read before this wait.
     pdl_wait();
     // q of the rows (row = token * group + head_in_group), bf16; rows past rows_total are zero. Fetched
@@ -178,7 +235,12 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1) flash_decode_mma_ker
     cp_async_commit();
 
     const int len = min(max(p.seq_lens[b], 0), p.max_len);
-    const int lo = p.window > 0 ? max(0, len - p.tq + 1 - p.window) : 0;
+    // The first key any row sees, and the start of the sequence's tiles: that key rounded down to a
+    // multiple of N, so that a tile lies in one page. The keys before `first` in the first tile are masked
+    // like any invisible key (and their V rows zeroed: they may hold anything). ops::attention sizes the
+    // splits for the up to N - 1 extra keys.
+    const int first = p.window > 0 ? max(0, len - p.tq + 1 - p.window) : 0;
+    const int lo = first & ~(T::N - 1);
     const int begin = lo + split * p.chunk_keys;
     const int end = min(begin + p.chunk_keys, len);
 
@@ -212,28 +274,26 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1) flash_decode_mma_ker
 
     const int num_tiles = (end - begin + T::N - 1) / T::N;
     const int my_tiles = num_tiles > stream ? (num_tiles - stream + T::STREAMS - 1) / T::STREAMS : 0;
-    // The stream's i-th tile into stage `stage` of its ring: lane l < 16 of the stream's first warp copies K
-    // row l, lane 16 + l V row l; keys past the end are not copied (their V rows are zeroed after the wait).
+    // Shared-window address of the stream's ring: stage st holds K at + st * sizeof(Ring), V TILE_BYTES on.
+    const unsigned ring_base = shared_address(&s.u.ring[stream][0]);
+    // The stream's i-th tile into stage `stage` of its ring, by one thread: K and V, one box each. Keys
+    // past the split's end are copied too (and masked; their V rows are zeroed after the wait).
     auto issue_tile = [&](int i, int stage) {
-        if (slice != 0) return;
+        if (stream_lane != 0) return;
         const int start = begin + (stream + i * T::STREAMS) * T::N;
-        const int n_valid = min(T::N, end - start);
-        typename Shared::Ring& ring = s.u.ring[stream][stage];
         unsigned long long* bar = &s.bar[stream][stage];
+        int token = start, slot = b;
+        if (p.page_table != nullptr) {
+            slot = p.page_table[(i64)b * p.page_table_stride + (start >> p.page_shift)];
+            token = start & ((1 << p.page_shift) - 1);
+        }
         // Orders this stage's earlier generic reads (ldmatrix) and writes before the async-proxy copies.
         fence_proxy_async_shared();
-        if (lane == 0) mbar_arrive_expect_tx(bar, (unsigned)n_valid * D * 2 * 2);
-        const int key = lane & 15;
-        if (key < n_valid) {
-            const int j = start + key;
-            if (lane < 16) {
-                const i64 ko = cache_offset(p, b, j, hkv, p.k_stride_seq, p.k_stride_token, p.k_stride_head);
-                bulk_copy_g2s(&ring.k[key][0], p.k + ko, D * 2, bar);
-            } else {
-                const i64 vo = cache_offset(p, b, j, hkv, p.v_stride_seq, p.v_stride_token, p.v_stride_head);
-                bulk_copy_g2s(&ring.v[key][0], p.v + vo, D * 2, bar);
-            }
-        }
+        // Whole boxes count, out-of-bounds bytes included.
+        mbar_arrive_expect_tx(bar, 2 * T::TILE_BYTES);
+        const unsigned dst = ring_base + stage * (unsigned)sizeof(typename Shared::Ring);
+        tensor_copy_5d_g2s(dst, &p.k_map, 0, token, 0, hkv, slot, bar);
+        tensor_copy_5d_g2s(dst + T::TILE_BYTES, &p.v_map, 0, token, 0, hkv, slot, bar);
     };
 #pragma unroll
     for (int i = 0; i < S - 1; ++i) {
@@ -259,16 +319,34 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1) flash_decode_mma_ker
     const int full_hi = p.causal ? min(end, len - p.tq + 1) : end;
     const int full_lo = p.window > 0 ? max(begin, len - p.window) : begin;
 
+    // The rows this lane addresses for ldmatrix in a tile: for K (S = Q K^T, matrices (keys 0-7, units
+    // 2 kk, 2 kk + 1), (keys 8-15, ...)) key (lane & 7) + 8 (lane >> 4) at unit (lane >> 3) & 1 + 2 kk; for V
+    // (P V, transposed: (keys 0-7, unit 2 d2), (keys 8-15, 2 d2), (keys 0-7, 2 d2 + 1), ...) key
+    // (lane & 7) + 8 ((lane >> 3) & 1) at unit slice DO / 8 + (lane >> 4) + 2 d2.
+    const unsigned k_lane_offset = tile_offset((lane & 7) + (lane >> 4) * 8, (lane >> 3) & 1);
+    const unsigned v_lane_offset = tile_offset((lane & 7) + ((lane >> 3) & 1) * 8, slice * (T::DO / 8) + (lane >> 4));
+
     for (int i = 0; i < my_tiles; ++i) {
         const int stage = i % S;
         const int start = begin + (stream + i * T::STREAMS) * T::N;
         typename Shared::Ring& ring = s.u.ring[stream][stage];
+        // This lane's ldmatrix row of the tile's K and V at unit offset 0 (see swizzled_step).
+        const unsigned k_lane = ring_base + stage * (unsigned)sizeof(typename Shared::Ring) + k_lane_offset;
+        const unsigned v_lane = k_lane - k_lane_offset + T::TILE_BYTES + v_lane_offset;
         mbar_wait(&s.bar[stream][stage], (unsigned)(i / S) & 1u);
-        if (start + T::N > end) {
-            // The last tile: V rows of absent keys hold stale or uninitialised data, and 0 * NaN is NaN.
-            const int n_valid = end - start;
-            for (int e = stream_lane; e < (T::N - n_valid) * VECS; e += SL * 32)
-                store_u128(&ring.v[n_valid + e / VECS][(e % VECS) * 8], make_uint4(0, 0, 0, 0));
+        // Keys of the tile outside [first, end) (before the window in the sequence's first tile, past the
+        // split's end in its last) are masked, but their V rows may hold anything, and 0 * NaN is NaN: they
+        // are zeroed. A key's row is whole 128-byte lines of the tile (line 16 chunk + key; the swizzle only
+        // moves units within a line).
+        const int keep_lo = first - start, keep_hi = end - start;
+        if (keep_lo > 0 || keep_hi < T::N) {
+            char* v = reinterpret_cast<char*>(ring.v);
+            for (int e = stream_lane; e < T::TILE_BYTES / 16; e += SL * 32) {
+                const int key = (e >> 3) & (T::N - 1);
+                if (key < keep_lo || key >= keep_hi) store_u128(v + e * 16, make_uint4(0, 0, 0, 0));
+            }
+            // Orders these generic writes before the async-proxy copy that will refill the stage.
+            fence_proxy_async_shared();
         }
         // Publishes the zeroed rows and (every thread having finished tile i - 1) frees that tile's stage.
         stream_sync();
@@ -284,7 +362,7 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1) flash_decode_mma_ker
         for (int kk = 0; kk < D / 16; ++kk) {
             unsigned a[4], bk[4];
             ldmatrix_x4(a, &s.q[lane & 15][kk * 16 + (lane >> 4) * 8]);
-            ldmatrix_x4(bk, &ring.k[(lane & 7) + (lane >> 4) * 8][kk * 16 + ((lane >> 3) & 1) * 8]);
+            ldmatrix_x4(bk, swizzled_step(k_lane, kk * 2));
             mma_bf16_16816(sc[0], a, bk[0], bk[1]);
             mma_bf16_16816(sc[1], a, bk[2], bk[3]);
         }
@@ -355,8 +433,7 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1) flash_decode_mma_ker
 #pragma unroll
         for (int d2 = 0; d2 < DT / 2; ++d2) {
             unsigned bv[4];
-            ldmatrix_x4_trans(bv,
-                              &ring.v[(lane & 7) + ((lane >> 3) & 1) * 8][slice * T::DO + d2 * 16 + (lane >> 4) * 8]);
+            ldmatrix_x4_trans(bv, swizzled_step(v_lane, d2 * 2));
             mma_bf16_16816(o[2 * d2], a, bv[0], bv[1]);
             mma_bf16_16816(o[2 * d2 + 1], a, bv[2], bv[3]);
         }

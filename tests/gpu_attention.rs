@@ -299,8 +299,8 @@ fn paged_and_contiguous_caches_give_identical_outputs() {
     }
 }
 
-/// Page ids outside [0, num_pages) read as zeros (the tensor maps' out-of-bounds fill): those pages' keys
-/// score 0 and add nothing to the output. With a window, the pages wholly before every new token's window
+/// Page ids outside [0, num_pages) read as zeros, in decode (the tensor maps' out-of-bounds fill) and in
+/// prefill (zero-filled copies): those pages' keys score 0 and their values add nothing to the output. With a window, the pages wholly before every new token's window
 /// may hold any id (a cache that frees them).
 #[test]
 #[ignore = "needs a CUDA GPU"]
@@ -342,15 +342,19 @@ fn out_of_range_page_ids_read_zeros_and_pages_before_the_window_are_free() {
                 }
             }
         }
-        let run = run_decode(&gpu.ctx, gpu.stream(), &c, &q, &kc, &vc, &order).unwrap();
-        let (want, want_lse) = expected(&gpu.ctx, &c, &q, &k, &v);
-        let cmp = Comparison::new(&run.out, &want);
-        let lcmp = compare_lse(&run.lse, &want_lse);
-        assert!(
-            cmp.passes(BF16_TOL) && lcmp.passes(BF16_TOL),
-            "{} seed {seed}: out {cmp:?}, lse {lcmp:?}",
-            c.describe()
-        );
+        // Decode, then the tensor-core prefill over the same cache and page table.
+        for prefill in [false, true] {
+            c.prefill = prefill;
+            let run = run_decode(&gpu.ctx, gpu.stream(), &c, &q, &kc, &vc, &order).unwrap();
+            let (want, want_lse) = expected(&gpu.ctx, &c, &q, &k, &v);
+            let cmp = Comparison::new(&run.out, &want);
+            let lcmp = compare_lse(&run.lse, &want_lse);
+            assert!(
+                cmp.passes(BF16_TOL) && lcmp.passes(BF16_TOL),
+                "{} seed {seed}: out {cmp:?}, lse {lcmp:?}",
+                c.describe()
+            );
+        }
     }
 }
 

@@ -155,9 +155,9 @@ typedef struct sparkinfer_attention_decode_params {
   // SPARKINFER_KV_CACHE_CONTIGUOUS or SPARKINFER_KV_CACHE_PAGED.
   int32_t cache_layout;
   // Paged only: int32 [batch, page_table_stride] page ids in [0, num_pages), device memory. An id
-  // outside that range is an error the op does not check, but no memory outside the cache is read for
-  // it: decode on a GPU reads its keys as zeros, prefill and the CPU backend read page 0 or
-  // num_pages - 1 instead. The ids of pages wholly before every new token's window may be anything.
+  // outside that range is an error the op does not check (the ids stay on the GPU), but no memory
+  // outside the cache is read for it: its keys and values read as zeros, in decode and prefill on
+  // either backend. The ids of pages wholly before every new token's window may be anything.
   const int32_t *page_table;
   // Paged only: elements between the rows of page_table; 0 means ceil(max_seq_len / page_size).
   int64_t page_table_stride;

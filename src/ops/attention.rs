@@ -759,6 +759,7 @@ unsafe fn decode_cpu(a: &DecodeArgs, plan: &Plan) {
             }
         }
     }
+    let zeros = vec![bf16::ZERO; d];
     let row = |c: &CacheTensor, b: usize, j: usize, h: usize| -> &[bf16] {
         let slot_token = match a.layout {
             CacheLayout::Contiguous => b * c.stride_seq as usize + j * c.stride_token as usize,
@@ -767,10 +768,11 @@ unsafe fn decode_cpu(a: &DecodeArgs, plan: &Plan) {
                 let stride =
                     if page_table_stride == 0 { plan.max_len.div_ceil(ps) } else { page_table_stride as usize };
                 let page = unsafe { *(page_table as *const i32).add(b * stride + j / ps) };
-                // As the prefill kernel: an out-of-range page id is clamped into the cache (decode on a GPU
-                // reads its keys as zeros).
-                let page = page.clamp(0, num_pages as i32 - 1) as usize;
-                page * c.stride_seq as usize + (j % ps) * c.stride_token as usize
+                // As the GPU kernels: the keys of an out-of-range page id read as zeros.
+                if page < 0 || page as i64 >= num_pages {
+                    return &zeros;
+                }
+                page as usize * c.stride_seq as usize + (j % ps) * c.stride_token as usize
             }
         };
         unsafe { std::slice::from_raw_parts((c.ptr as *const bf16).add(slot_token + h * c.stride_head as usize), d) }

@@ -52,12 +52,12 @@ SPK_DEVICE float neg_inf() { return __int_as_float(0xff800000); }
 
 SPK_DEVICE float softcap_logit(float x, float cap) { return cap > 0.0f ? cap * tanhf(x / cap) : x; }
 
+// Element offset of key j's row, or -1 when its page id lies outside [0, num_pages): the caller's error,
+// whose keys then read as zeros (as decode's tensor-map copies read them), never memory outside the cache.
 SPK_DEVICE i64 cache_offset(const DecodeParams& p, int b, int j, int head, i64 s_seq, i64 s_tok, i64 s_head) {
     if (p.page_table == nullptr) return (i64)b * s_seq + (i64)j * s_tok + (i64)head * s_head;
-    int page = p.page_table[(i64)b * p.page_table_stride + (j >> p.page_shift)];
-    // A page id outside the cache is the caller's error; clamping keeps the read inside the cache (decode's
-    // tensor maps read such a page as zeros instead).
-    page = min(max(page, 0), p.num_pages - 1);
+    const int page = p.page_table[(i64)b * p.page_table_stride + (j >> p.page_shift)];
+    if (page < 0 || page >= p.num_pages) return -1;
     return (i64)page * s_seq + (i64)(j & ((1 << p.page_shift) - 1)) * s_tok + (i64)head * s_head;
 }
 
@@ -705,14 +705,14 @@ __global__ void __launch_bounds__(PREFILL_THREADS, 1) attention_prefill_kernel(c
         for (int i = tid; i < PREFILL_N * VECS; i += PREFILL_THREADS) {
             const int key = i / VECS, vec = i % VECS;
             const int j = tile0 + key;
-            const bool valid = j < hi;
-            i64 ko = 0, vo = 0;
-            if (valid) {
+            i64 ko = -1, vo = -1;
+            if (j < hi) {
                 ko = cache_offset(p, b, j, hkv, p.k_stride_seq, p.k_stride_token, p.k_stride_head);
                 vo = cache_offset(p, b, j, hkv, p.v_stride_seq, p.v_stride_token, p.v_stride_head);
             }
-            cp_async_16(&s.k[key][vec * 8], p.k + ko + vec * 8, valid);
-            cp_async_16(&s.v[key][vec * 8], p.v + vo + vec * 8, valid);
+            // Keys past the chunk and keys of out-of-range pages are zero-filled.
+            cp_async_16(&s.k[key][vec * 8], p.k + max(ko, (i64)0) + vec * 8, ko >= 0);
+            cp_async_16(&s.v[key][vec * 8], p.v + max(vo, (i64)0) + vec * 8, vo >= 0);
         }
         cp_async_commit();
         cp_async_wait<0>();

@@ -5,8 +5,9 @@
 //! Every failure names the case, the seed and the numbers.
 //!
 //! With SPARKINFER_TEST_SMALL set (compute-sanitizer runs, where kernels are 10–100× slower) each test keeps
-//! one token count per kernel variant and path: router token tiles 1, 2, 4, 8, 16 with and without the
-//! input transform, the fused and the separate expert index (T ≤ 16, T ≥ 17), the decode gate/up tiles
+//! one token count per kernel variant and path: the router GEMV (T = 1) and the tensor-core router with one
+//! and four 16-token tiles per block (T ≤ 64, T ≥ 65; T = 65 leaves a block of one token), each with and
+//! without the input transform, the fused and the separate expert index (T ≤ 16, T ≥ 17), the decode gate/up tiles
 //! and the grouped tensor-core gate/up and down with the combine (T ≥ 33, also with several tiles per
 //! expert), the decode down kernel (T ≤ 32).
 //! The model shapes keep their hidden and intermediate sizes, so every loop trip count and tile tail is as
@@ -77,8 +78,9 @@ fn block_matches_reference_at_model_shapes() {
     let ctx = gpu();
     let s = OwnedStream::new(&ctx);
     let seed = Rng::fresh_seed();
-    // Small mode: 512 and 4096 tokens take the same path as 33 (grouped gate/up and down, the combine).
-    let token_counts: &[usize] = if small() { &[1, 2, 7, 16, 17, 33] } else { &[1, 2, 7, 16, 17, 64, 512, 4096] };
+    // Small mode: 512 and 4096 tokens take the same paths as 33 and 65 (grouped gate/up and down, the
+    // combine; the router with four token tiles per block from 65).
+    let token_counts: &[usize] = if small() { &[1, 2, 7, 16, 17, 33, 65] } else { &[1, 2, 7, 16, 17, 64, 512, 4096] };
     for shape in shapes() {
         let mut rng = Rng::new(seed);
         let w = BlockWeights::random(&shape, RoutingPattern::Random, &mut rng);

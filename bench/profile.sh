@@ -14,8 +14,13 @@ bin=$(pwd)/.gpu/sparkinfer
 metrics=gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,dram__bytes_read.sum
 metrics+=,sm__warps_active.avg.pct_of_peak_sustained_active,launch__grid_size,launch__block_size
 metrics+=,launch__registers_per_thread,launch__occupancy_limit_shared_mem
-SPARKINFER_PROFILE=1 ncu --profile-from-start off --clock-control none --metrics "$metrics" --csv \
-  "$bin" bench --quick --only "$families" >"$OUT/profile.csv" 2>"$OUT/profile.err"
+# ncu over one lone launch of each row of the families: profile NAME NCU-OPTIONS... writes $OUT/NAME.csv.
+profile() {
+  local name=$1; shift
+  SPARKINFER_PROFILE=1 ncu --profile-from-start off --clock-control none --csv "$@" \
+    "$bin" bench --quick --only "$families" >"$OUT/$name.csv" 2>"$OUT/$name.err"
+}
+profile profile --metrics "$metrics"
 python3 - "$OUT/profile.csv" <<'PY'
 import csv, sys, collections
 rows = [l for l in open(sys.argv[1]) if l.startswith('"')]
@@ -37,9 +42,8 @@ for (i, name), m in by.items():
 PY
 if [ -n "${STALLS:-}" ]; then
   # Instructions per warp and the largest stall reasons (cycles per issued instruction) of every kernel.
-  SPARKINFER_PROFILE=1 ncu --profile-from-start off --clock-control none --csv \
-    --metrics "smsp__inst_executed.sum,smsp__warps_launched.sum,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
-    "$bin" bench --quick --only "$families" >"$OUT/stalls.csv" 2>"$OUT/stalls.err"
+  profile stalls \
+    --metrics "smsp__inst_executed.sum,smsp__warps_launched.sum,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio"
   python3 - "$OUT/stalls.csv" <<'PY'
 import csv, sys, collections
 rows = [l for l in open(sys.argv[1]) if l.startswith('"')]

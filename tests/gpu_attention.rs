@@ -11,7 +11,7 @@
 
 use sparkinfer::checks::attention::{
     check_decode, compare_lse, decode_args, expected, page_order, place_cache, random_inputs, run_decode, DecodeCase,
-    Layout,
+    Layout, PhysicalCache,
 };
 use sparkinfer::ops::{attention, Backend, Context, Stream};
 use sparkinfer::reference::bf16;
@@ -89,6 +89,23 @@ fn run_cases(gpu: &Gpu, cases: &[DecodeCase]) {
         }
     }
     assert!(failures.is_empty(), "{} of {} cases failed:\n  {}", failures.len(), cases.len(), failures.join("\n  "));
+}
+
+/// Runs `c` once on caches already placed (pages in `order`) and asserts that its output and lse match
+/// the reference computed from the logical q, k and v.
+fn assert_run_matches(
+    gpu: &Gpu,
+    c: &DecodeCase,
+    seed: u64,
+    [q, k, v]: [&[bf16]; 3],
+    [kc, vc]: [&PhysicalCache; 2],
+    order: &[usize],
+) {
+    let run = run_decode(&gpu.ctx, gpu.stream(), c, q, kc, vc, order).unwrap();
+    let (want, want_lse) = expected(&gpu.ctx, c, q, k, v);
+    let cmp = Comparison::new(&run.out, &want);
+    let lcmp = compare_lse(&run.lse, &want_lse);
+    assert!(cmp.passes(BF16_TOL) && lcmp.passes(BF16_TOL), "{} seed {seed}: out {cmp:?}, lse {lcmp:?}", c.describe());
 }
 
 #[test]
@@ -345,15 +362,7 @@ fn out_of_range_page_ids_read_zeros_and_pages_before_the_window_are_free() {
         // Decode, then the tensor-core prefill over the same cache and page table.
         for prefill in [false, true] {
             c.prefill = prefill;
-            let run = run_decode(&gpu.ctx, gpu.stream(), &c, &q, &kc, &vc, &order).unwrap();
-            let (want, want_lse) = expected(&gpu.ctx, &c, &q, &k, &v);
-            let cmp = Comparison::new(&run.out, &want);
-            let lcmp = compare_lse(&run.lse, &want_lse);
-            assert!(
-                cmp.passes(BF16_TOL) && lcmp.passes(BF16_TOL),
-                "{} seed {seed}: out {cmp:?}, lse {lcmp:?}",
-                c.describe()
-            );
+            assert_run_matches(&gpu, &c, seed, [&q, &k, &v], [&kc, &vc], &order);
         }
     }
 }
@@ -394,15 +403,7 @@ fn tensor_maps_at_the_least_alignment_short_caches_and_single_dimensions() {
             t.stride_seq = 1 << 39;
             t.stride_head = 1 << 39;
         }
-        let run = run_decode(&gpu.ctx, gpu.stream(), &c, &q, &kc, &vc, &[]).unwrap();
-        let (want, want_lse) = expected(&gpu.ctx, &c, &q, &k, &v);
-        let cmp = Comparison::new(&run.out, &want);
-        let lcmp = compare_lse(&run.lse, &want_lse);
-        assert!(
-            cmp.passes(BF16_TOL) && lcmp.passes(BF16_TOL),
-            "{} seed {seed}: out {cmp:?}, lse {lcmp:?}",
-            c.describe()
-        );
+        assert_run_matches(&gpu, &c, seed, [&q, &k, &v], [&kc, &vc], &[]);
     }
 }
 

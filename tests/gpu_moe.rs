@@ -197,15 +197,7 @@ fn block_in_a_cuda_graph_follows_new_inputs() {
         let h = shape.hidden;
         let x_buf = TestBuffer::new(&ctx, tokens * h * 2).unwrap();
         let out_buf = TestBuffer::new(&ctx, tokens * h * 2).unwrap();
-        let ws_bytes = ops::moe_forward_workspace_size(
-            tokens as i64,
-            shape.hidden as i64,
-            shape.experts as i64,
-            shape.top_k as i64,
-            shape.inter as i64,
-            shape.dense_inter as i64,
-        )
-        .unwrap();
+        let ws_bytes = shape.block_layout(tokens).unwrap().total();
         let ws = TestBuffer::new(&ctx, ws_bytes + 256).unwrap();
         ws.poison().unwrap();
         let args = dw.block_args(&shape, tokens, (x_buf.ptr(), h), (out_buf.ptr(), h), false, (ws.ptr(), ws_bytes));

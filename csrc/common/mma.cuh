@@ -8,24 +8,8 @@
 #pragma once
 #include "common/async.cuh"
 
-// Four 8x8 bf16 matrices from shared memory; lane i gives the address of row i % 8 of matrix i / 8.
-SPK_DEVICE void ldmatrix_x4(unsigned (&r)[4], const void* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(shared_address(p))
-                 : "memory");
-}
-
-// As ldmatrix_x4, each matrix delivered transposed.
-SPK_DEVICE void ldmatrix_x4_trans(unsigned (&r)[4], const void* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(shared_address(p))
-                 : "memory");
-}
-
-// As ldmatrix_x4 and ldmatrix_x4_trans, from a shared-window address (see shared_address): for layouts whose
-// addresses are computed as offsets from a tile's base rather than as C++ pointers.
+// Four 8x8 bf16 matrices from shared memory; lane i gives the shared-window address (see shared_address) of
+// row i % 8 of matrix i / 8. This form serves layouts whose addresses are offsets from a tile's base.
 SPK_DEVICE void ldmatrix_x4(unsigned (&r)[4], unsigned a) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -33,12 +17,18 @@ SPK_DEVICE void ldmatrix_x4(unsigned (&r)[4], unsigned a) {
                  : "memory");
 }
 
+// As ldmatrix_x4, each matrix delivered transposed.
 SPK_DEVICE void ldmatrix_x4_trans(unsigned (&r)[4], unsigned a) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(a)
                  : "memory");
 }
+
+// The same from a generic pointer into shared memory.
+SPK_DEVICE void ldmatrix_x4(unsigned (&r)[4], const void* p) { ldmatrix_x4(r, shared_address(p)); }
+
+SPK_DEVICE void ldmatrix_x4_trans(unsigned (&r)[4], const void* p) { ldmatrix_x4_trans(r, shared_address(p)); }
 
 // d += a . b for one 16x8x16 tile.
 SPK_DEVICE void mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {

@@ -116,14 +116,7 @@ struct Io<'a> {
 
 impl<'a> Io<'a> {
     fn new(b: &mut Bench<'a>, s: &MoeShape, tokens: usize, copies: usize) -> Result<Self> {
-        let ws_bytes = ops::moe_forward_workspace_size(
-            tokens as i64,
-            s.hidden as i64,
-            s.experts as i64,
-            s.top_k as i64,
-            s.inter as i64,
-            s.dense_inter as i64,
-        )?;
+        let ws_bytes = s.block_layout(tokens)?.total();
         Ok(Io {
             x: Rotating::bf16(b.device, tokens * s.hidden, copies, &mut b.rng)?,
             out: Rotating::output(b.device, tokens * s.hidden * 2, copies)?,
@@ -154,14 +147,7 @@ fn block_row(b: &mut Bench, w: &Weights, tokens: usize) -> Result<Row> {
 fn split_rows(b: &mut Bench, w: &Weights) -> Result<Vec<Row>> {
     let s = w.s;
     let io = Io::new(b, &s, 1, 64)?;
-    let layout = ops::moe_forward_layout(
-        1,
-        s.hidden as i64,
-        s.experts as i64,
-        s.top_k as i64,
-        s.inter as i64,
-        s.dense_inter as i64,
-    )?;
+    let layout = s.block_layout(1)?;
     let (ctx, stream) = (b.ctx, b.stream);
     // Route every copy once so that each workspace holds a valid routing for the FFN stage.
     for i in 0..64 {

@@ -35,6 +35,19 @@ pub const GEMMA4: MoeShape =
     MoeShape { label: "gemma4", hidden: 2816, experts: 128, top_k: 8, inter: 704, dense_inter: 2112, gemma: true };
 
 impl MoeShape {
+    /// Where the block call of `tokens` tokens places its routing in the workspace, and its size
+    /// (`layout.total()`).
+    pub fn block_layout(&self, tokens: usize) -> Result<ops::BlockLayout> {
+        ops::moe_forward_layout(
+            tokens as i64,
+            self.hidden as i64,
+            self.experts as i64,
+            self.top_k as i64,
+            self.inter as i64,
+            self.dense_inter as i64,
+        )
+    }
+
     pub fn activation(&self) -> Activation {
         if self.gemma {
             Activation::GeluTanh
@@ -264,14 +277,7 @@ pub struct WorkspaceRouting {
 }
 
 pub fn read_routing(ws: &TestBuffer, s: &MoeShape, tokens: usize) -> Result<WorkspaceRouting> {
-    let l = ops::moe_forward_layout(
-        tokens as i64,
-        s.hidden as i64,
-        s.experts as i64,
-        s.top_k as i64,
-        s.inter as i64,
-        s.dense_inter as i64,
-    )?;
+    let l = s.block_layout(tokens)?;
     let bytes: Vec<u8> = ws.download(l.total())?;
     let f32s = |at: usize, n: usize| {
         (0..n).map(|i| f32::from_le_bytes(bytes[at + 4 * i..at + 4 * i + 4].try_into().unwrap())).collect::<Vec<_>>()
@@ -399,14 +405,7 @@ pub fn run_block_case(
         }
         out_buf.upload(&init)?;
     }
-    let ws_bytes = ops::moe_forward_workspace_size(
-        t as i64,
-        s.hidden as i64,
-        s.experts as i64,
-        s.top_k as i64,
-        s.inter as i64,
-        s.dense_inter as i64,
-    )?;
+    let ws_bytes = s.block_layout(t)?.total();
     let ws = TestBuffer::new(ctx, ws_bytes + GUARD_BYTES)?;
     ws.poison()?;
     let args = dw.block_args(s, t, (x_buf.ptr(), stride), (out_buf.ptr(), stride), c.accumulate, (ws.ptr(), ws_bytes));

@@ -39,9 +39,6 @@ pub const MAX_TOKENS: i64 = 65536;
 /// Largest hidden or intermediate size.
 pub const MAX_FFN_DIM: i64 = 65536;
 
-/// Tiles of 16 tokens per block of the tensor-core router (template MT): one up to 64 tokens, then four, so
-/// that each load of the router weights serves 64 tokens.
-const ROUTER_MMA_TILES: [usize; 2] = [1, 4];
 /// Token tiles of the gate/up kernel: 16 tokens of gate and up accumulators spill, so larger groups take
 /// several passes over L1-resident rows.
 const GATE_UP_TILES: [usize; 4] = [1, 2, 4, 8];
@@ -58,27 +55,38 @@ fn token_tile(tokens: usize) -> usize {
     tokens.min(16).next_power_of_two()
 }
 
-/// The router kernel for `tokens`: one token on CUDA cores (a GEMV bound by reading the weights once),
-/// more on tensor cores.
-fn router_name(tokens: usize, transform: bool) -> KernelName {
-    if tokens == 1 {
-        kernel_name!("router_gemv_kernel<{transform}>")
-    } else {
-        kernel_name!("router_mma_kernel<{}, {transform}>", router_mma_tile(tokens))
+/// The router kernels: one token on CUDA cores (a GEMV bound by reading the weights once); more on tensor
+/// cores with `Mma(mt)` tiles of 16 tokens per block, one up to 64 tokens, then four, so that each load of
+/// the router weights serves 64 tokens.
+#[derive(Clone, Copy)]
+enum RouterKernel {
+    Gemv,
+    Mma(usize),
+}
+
+const ROUTER_KERNELS: [RouterKernel; 3] = [RouterKernel::Gemv, RouterKernel::Mma(1), RouterKernel::Mma(4)];
+
+fn router_kernel(tokens: usize) -> RouterKernel {
+    match tokens {
+        1 => RouterKernel::Gemv,
+        2..=64 => RouterKernel::Mma(1),
+        _ => RouterKernel::Mma(4),
     }
 }
 
-fn router_mma_tile(tokens: usize) -> usize {
-    if tokens <= 64 {
-        ROUTER_MMA_TILES[0]
-    } else {
-        ROUTER_MMA_TILES[1]
+fn router_name(k: RouterKernel, transform: bool) -> KernelName {
+    match k {
+        RouterKernel::Gemv => kernel_name!("router_gemv_kernel<{transform}>"),
+        RouterKernel::Mma(mt) => kernel_name!("router_mma_kernel<{mt}, {transform}>"),
     }
 }
 
 fn router_instantiations() -> Vec<String> {
-    let mut v: Vec<String> =
-        [1, 2, 65].iter().flat_map(|&t| [router_name(t, false), router_name(t, true)]).map(|n| n.to_string()).collect();
+    let mut v: Vec<String> = ROUTER_KERNELS
+        .iter()
+        .flat_map(|&k| [router_name(k, false), router_name(k, true)])
+        .map(|n| n.to_string())
+        .collect();
     v.push("topk_router_kernel".into());
     v.push("expert_index_kernel".into());
     v
@@ -243,7 +251,8 @@ fn validate_router(a: &RouterGemmArgs) -> Result<RouterChecked> {
 /// As [`router_gemm`]; `c` validated.
 unsafe fn launch_router(device: &Device, c: &RouterChecked, stream: Stream) -> Result<()> {
     let tokens = c.x.rows;
-    let kernel = device.kernel(&ROUTER_SOURCE, &router_name(tokens, c.scale.is_some()))?;
+    let which = router_kernel(tokens);
+    let kernel = device.kernel(&ROUTER_SOURCE, &router_name(which, c.scale.is_some()))?;
     let mut x = c.x.ptr;
     let mut xs = c.x.row_stride as i64;
     let mut w = c.weight.ptr;
@@ -256,11 +265,11 @@ unsafe fn launch_router(device: &Device, c: &RouterChecked, stream: Stream) -> R
     let mut h = c.x.cols as i32;
     let mut args = crate::kernel_args![x, xs, w, scale, eps, logits, ls, t, e, h];
     let experts = c.weight.rows;
-    let (grid, block) = if tokens == 1 {
-        ((experts.div_ceil(ROUTER_WARPS) as u32, tokens as u32, 1), ROUTER_WARPS * 32)
-    } else {
-        let rows = 16 * router_mma_tile(tokens);
-        ((experts.div_ceil(16) as u32, tokens.div_ceil(rows) as u32, 1), ROUTER_MMA_WARPS * 32)
+    let (grid, block) = match which {
+        RouterKernel::Gemv => ((experts.div_ceil(ROUTER_WARPS) as u32, tokens as u32, 1), ROUTER_WARPS * 32),
+        RouterKernel::Mma(mt) => {
+            ((experts.div_ceil(16) as u32, tokens.div_ceil(16 * mt) as u32, 1), ROUTER_MMA_WARPS * 32)
+        }
     };
     device.launch(&kernel, grid, (block as u32, 1, 1), 0, stream.raw(), &mut args)
 }

@@ -324,8 +324,7 @@ struct GroupedShared {
 };
 
 // Warp 0 of the block: sets s.group / s.tile of block b (group -1: no tile, the block exits).
-template <class Shared>
-SPK_DEVICE void grouped_find_tile(Shared& s, const int* __restrict__ expert_offsets, int experts, bool dense,
+SPK_DEVICE void grouped_find_tile(GroupedShared& s, const int* __restrict__ expert_offsets, int experts, bool dense,
                                   int tokens, int b) {
     const int lane = threadIdx.x & 31;
     // Tiles of experts e0 .. e0 + 31 by a warp scan, until the running total passes b.
@@ -361,6 +360,37 @@ SPK_DEVICE void grouped_find_tile(Shared& s, const int* __restrict__ expert_offs
         s.group = group;
         s.tile = tile;
     }
+}
+
+// The dynamic shared memory of a grouped kernel, checked against the launch's size.
+SPK_DEVICE GroupedShared& grouped_shared() {
+    extern __shared__ uint4 shared_raw[];
+    if (dynamic_shared_bytes() < sizeof(GroupedShared)) __trap();
+    return *reinterpret_cast<GroupedShared*>(shared_raw);
+}
+
+// The rows of a block's tile: positions [p0, min(p0 + GG_BM, end)) of a routed expert's segment of the
+// sorted slots, or tokens of the dense FFN; group < 0: the block has no tile.
+struct GroupedRange {
+    int group;
+    bool routed;
+    int p0, end;
+};
+
+// Finds this block's tile (warp 0) and publishes it to the block; reads the offsets, so it runs after
+// pdl_wait().
+SPK_DEVICE GroupedRange grouped_range(GroupedShared& s, const int* __restrict__ expert_offsets, int experts,
+                                      bool dense, int tokens) {
+    if ((threadIdx.x >> 5) == 0) grouped_find_tile(s, expert_offsets, experts, dense, tokens, blockIdx.x);
+    __syncthreads();
+    GroupedRange g;
+    g.group = s.group;
+    g.routed = g.group < experts;
+    g.p0 = g.end = 0;
+    if (g.group < 0) return g;
+    g.p0 = (g.routed ? expert_offsets[g.group] : 0) + s.tile * GG_BM;
+    g.end = g.routed ? expert_offsets[g.group + 1] : tokens;
+    return g;
 }
 
 // acc[q][mi][ni][f] += A . B^T over k in [0, K) for the tile rows s.a_rows and B rows s.b_rows (both
@@ -454,9 +484,7 @@ __global__ void __launch_bounds__(GG_THREADS) grouped_gate_up_kernel(
     int inter, const int* __restrict__ expert_offsets, const int* __restrict__ sorted_slots, int experts,
     bf16_t* __restrict__ h_routed, int tokens, const bf16_t* __restrict__ dense_gate_up, int dense_inter,
     const bf16_t* __restrict__ dense_gate_weight, bf16_t* __restrict__ h_dense, float* __restrict__ dense_gate) {
-    extern __shared__ uint4 shared_raw[];
-    if (dynamic_shared_bytes() < sizeof(GroupedShared)) __trap();
-    GroupedShared& s = *reinterpret_cast<GroupedShared*>(shared_raw);
+    GroupedShared& s = grouped_shared();
     bf16_t** h_rows = reinterpret_cast<bf16_t**>(s.out_rows);
     // Launched with programmatic dependent launch: the routing is written by the kernel before this one.
     pdl_wait();
@@ -464,13 +492,10 @@ __global__ void __launch_bounds__(GG_THREADS) grouped_gate_up_kernel(
     const int tid = threadIdx.x;
     const int lane = tid & 31;
     const int warp = tid >> 5;
-    if (warp == 0) grouped_find_tile(s, expert_offsets, experts, dense_gate_up != nullptr, tokens, blockIdx.x);
-    __syncthreads();
-    const int group = s.group;
-    if (group < 0) return;
-    const bool routed = group < experts;
-    const int p0 = (routed ? expert_offsets[group] : 0) + s.tile * GG_BM;
-    const int end = routed ? expert_offsets[group + 1] : tokens;
+    const GroupedRange g = grouped_range(s, expert_offsets, experts, dense_gate_up != nullptr, tokens);
+    if (g.group < 0) return;
+    const int group = g.group, p0 = g.p0, end = g.end;
+    const bool routed = g.routed;
     const int I = routed ? inter : dense_inter;
     const bf16_t* w = routed ? gate_up + (i64)group * 2 * inter * hidden : dense_gate_up;
     const int n0 = blockIdx.y * (GG_BN / 2);
@@ -550,9 +575,7 @@ __global__ void __launch_bounds__(GG_THREADS) grouped_down_kernel(
     const int* __restrict__ sorted_slots, int experts, int num_slots, const bf16_t* __restrict__ h_routed,
     int tokens, const bf16_t* __restrict__ dense_down, int dense_inter, const bf16_t* __restrict__ h_dense,
     float* __restrict__ y) {
-    extern __shared__ uint4 shared_raw[];
-    if (dynamic_shared_bytes() < sizeof(GroupedShared)) __trap();
-    GroupedShared& s = *reinterpret_cast<GroupedShared*>(shared_raw);
+    GroupedShared& s = grouped_shared();
     float** y_rows = reinterpret_cast<float**>(s.out_rows);
     // Launched with programmatic dependent launch: h comes from the kernel before this one.
     pdl_wait();
@@ -560,13 +583,10 @@ __global__ void __launch_bounds__(GG_THREADS) grouped_down_kernel(
     const int tid = threadIdx.x;
     const int lane = tid & 31;
     const int warp = tid >> 5;
-    if (warp == 0) grouped_find_tile(s, expert_offsets, experts, dense_down != nullptr, tokens, blockIdx.x);
-    __syncthreads();
-    const int group = s.group;
-    if (group < 0) return;
-    const bool routed = group < experts;
-    const int p0 = (routed ? expert_offsets[group] : 0) + s.tile * GG_BM;
-    const int end = routed ? expert_offsets[group + 1] : tokens;
+    const GroupedRange g = grouped_range(s, expert_offsets, experts, dense_down != nullptr, tokens);
+    if (g.group < 0) return;
+    const int group = g.group, p0 = g.p0, end = g.end;
+    const bool routed = g.routed;
     const int K = routed ? inter : dense_inter;
     const bf16_t* w = routed ? down + (i64)group * hidden * inter : dense_down;
     const int n0 = blockIdx.y * GG_BN;

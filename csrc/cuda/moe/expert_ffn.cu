@@ -83,6 +83,20 @@ SPK_DEVICE void gate_up_rows(const bf16_t* __restrict__ w, int inter, int hidden
     }
 }
 
+// The dense FFN's gate sigmoid(x . w_sg) of one token's x row, over a warp; every lane gets it.
+SPK_DEVICE float dense_gate_of(const bf16_t* __restrict__ x_row, const bf16_t* __restrict__ w_sg, int hidden) {
+    const int lane = threadIdx.x & 31;
+    float acc = 0.0f;
+    for (int v = lane; v < (hidden >> 3); v += 32) {
+        float xf[8], wf[8];
+        bf16x8_to_f32(load_u128_ro(x_row + (i64)v * 8), xf);
+        bf16x8_to_f32(load_u128_ro(w_sg + (i64)v * 8), wf);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc = fmaf(xf[j], wf[j], acc);
+    }
+    return 1.0f / (1.0f + expf(-warp_reduce_sum(acc)));
+}
+
 // grid.x: num_slots routed positions, plus one for the dense FFN when present; grid.y: row tiles of
 // FFN_WARPS intermediate rows, sized for the larger of the two intermediates.
 template <int ACT, int MT>
@@ -125,18 +139,9 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, MT == 1 ? 8 : 1) expert_gate_u
     // The dense FFN: every token, weight 1. The gate sigmoid(x . w_sg) of token t is computed by warp
     // t mod (warps in the dense column), so prefill spreads it over the column.
     if (dense_gate_weight != nullptr) {
-        const int num_vec = hidden >> 3;
         for (int t = row; t < tokens; t += gridDim.y * FFN_WARPS) {
-            float acc = 0.0f;
-            for (int v = lane; v < num_vec; v += 32) {
-                float xf[8], wf[8];
-                bf16x8_to_f32(load_u128_ro(x + (i64)t * x_row_stride + (i64)v * 8), xf);
-                bf16x8_to_f32(load_u128_ro(dense_gate_weight + (i64)v * 8), wf);
-#pragma unroll
-                for (int j = 0; j < 8; ++j) acc = fmaf(xf[j], wf[j], acc);
-            }
-            acc = warp_reduce_sum(acc);
-            if (lane == 0) dense_gate[t] = 1.0f / (1.0f + expf(-acc));
+            const float gate = dense_gate_of(x + (i64)t * x_row_stride, dense_gate_weight, hidden);
+            if (lane == 0) dense_gate[t] = gate;
         }
     }
     if (row >= dense_inter) return;
@@ -502,19 +507,10 @@ __global__ void __launch_bounds__(GG_THREADS) grouped_gate_up_kernel(
 
     if (!routed && blockIdx.y == 0 && dense_gate_weight != nullptr) {
         // The dense gate sigmoid(x . w_sg) of this tile's tokens, a warp per token.
-        const int num_vec = hidden >> 3;
         for (int m = warp; m < min(GG_BM, end - p0); m += GG_THREADS / 32) {
             const int t = p0 + m;
-            float acc = 0.0f;
-            for (int v = lane; v < num_vec; v += 32) {
-                float xf[8], wf[8];
-                bf16x8_to_f32(load_u128_ro(x + (i64)t * x_row_stride + (i64)v * 8), xf);
-                bf16x8_to_f32(load_u128_ro(dense_gate_weight + (i64)v * 8), wf);
-#pragma unroll
-                for (int j = 0; j < 8; ++j) acc = fmaf(xf[j], wf[j], acc);
-            }
-            acc = warp_reduce_sum(acc);
-            if (lane == 0) dense_gate[t] = 1.0f / (1.0f + expf(-acc));
+            const float gate = dense_gate_of(x + (i64)t * x_row_stride, dense_gate_weight, hidden);
+            if (lane == 0) dense_gate[t] = gate;
         }
     }
     if (n0 >= I) return;

@@ -357,6 +357,19 @@ struct IndexShared {
     int warp_sums[TOPK_WARPS];
 };
 
+// The ids of slots base + 32 u + lane (u < INDEX_BATCH), -1 at and past `end`: one batch of independent
+// loads instead of a dependent load per step (each step of a pass waits on its ids otherwise).
+constexpr int INDEX_BATCH = 8;
+
+SPK_DEVICE void load_id_batch(const int* __restrict__ ids, int base, int end, int (&batch)[INDEX_BATCH]) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int u = 0; u < INDEX_BATCH; ++u) {
+        const int s = base + u * 32 + lane;
+        batch[u] = s < end ? ids[s] : -1;
+    }
+}
+
 SPK_DEVICE void build_index(const int* __restrict__ ids, int num_slots, int experts, int* __restrict__ counts,
                             int* __restrict__ offsets, int* __restrict__ sorted_slots, IndexShared& sh) {
     const int lane = threadIdx.x & 31;
@@ -367,13 +380,17 @@ SPK_DEVICE void build_index(const int* __restrict__ ids, int num_slots, int expe
     const int begin = warp * per_warp;
     const int end = min(num_slots, begin + per_warp);
     const unsigned lanes_below = (1u << lane) - 1;
-    for (int base = begin; base < end; base += 32) {
-        const int s = base + lane;
-        const int e = s < end ? ids[s] : -1;
-        const unsigned peers = __match_any_sync(0xffffffffu, e);
-        if (e >= 0 && (peers & lanes_below) == 0) sh.per_warp[warp][e] += __popc(peers);
-        // Another lane may lead the same expert next step: order its read after this write.
-        __syncwarp();
+    for (int base = begin; base < end; base += 32 * INDEX_BATCH) {
+        int batch[INDEX_BATCH];
+        load_id_batch(ids, base, end, batch);
+#pragma unroll
+        for (int u = 0; u < INDEX_BATCH; ++u) {
+            const int e = batch[u];
+            const unsigned peers = __match_any_sync(0xffffffffu, e);
+            if (e >= 0 && (peers & lanes_below) == 0) sh.per_warp[warp][e] += __popc(peers);
+            // Another lane may lead the same expert next step: order its read after this write.
+            __syncwarp();
+        }
     }
     __syncthreads();
 
@@ -406,14 +423,19 @@ SPK_DEVICE void build_index(const int* __restrict__ ids, int num_slots, int expe
     }
     __syncthreads();
 
-    for (int base = begin; base < end; base += 32) {
-        const int s = base + lane;
-        const int ex = s < end ? ids[s] : -1;
-        const unsigned peers = __match_any_sync(0xffffffffu, ex);
-        if (ex >= 0) sorted_slots[sh.per_warp[warp][ex] + __popc(peers & lanes_below)] = s;
-        __syncwarp();
-        if (ex >= 0 && (peers & lanes_below) == 0) sh.per_warp[warp][ex] += __popc(peers);
-        __syncwarp();
+    for (int base = begin; base < end; base += 32 * INDEX_BATCH) {
+        int batch[INDEX_BATCH];
+        load_id_batch(ids, base, end, batch);
+#pragma unroll
+        for (int u = 0; u < INDEX_BATCH; ++u) {
+            const int s = base + u * 32 + lane;
+            const int ex = batch[u];
+            const unsigned peers = __match_any_sync(0xffffffffu, ex);
+            if (ex >= 0) sorted_slots[sh.per_warp[warp][ex] + __popc(peers & lanes_below)] = s;
+            __syncwarp();
+            if (ex >= 0 && (peers & lanes_below) == 0) sh.per_warp[warp][ex] += __popc(peers);
+            __syncwarp();
+        }
     }
 }
 

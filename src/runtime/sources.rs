@@ -16,6 +16,7 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("common/common.cuh", include_str!("../../csrc/common/common.cuh")),
     ("common/async.cuh", include_str!("../../csrc/common/async.cuh")),
     ("common/mma.cuh", include_str!("../../csrc/common/mma.cuh")),
+    ("common/routing.cuh", include_str!("../../csrc/common/routing.cuh")),
 ];
 
 /// FNV-1a, 64 bit: a stable hash for cache keys (std's hasher is not stable across releases).

@@ -3,14 +3,11 @@
 // expert) -- all in GPU memory, so nothing is read back by the host.
 #include "common/common.cuh"
 #include "common/mma.cuh"
+#include "common/routing.cuh"
 
 constexpr int ROUTER_WARPS = 8;
 constexpr int ROUTER_UNROLL = 8;
 constexpr int TOPK_WARPS = 16;
-constexpr int TOPK_MAX_EXPERTS = 512;
-constexpr int TOPK_PER_LANE = TOPK_MAX_EXPERTS / 32;
-// -inf without the toolkit's math headers.
-#define NEG_INF __int_as_float(0xff800000u)
 
 // ---------------------------------------------------------------------------------------------------------
 // Router GEMV for one token (decode). One warp owns one expert row of Wr; grid.y is the token. The kernel is
@@ -228,122 +225,7 @@ __global__ void __launch_bounds__(ROUTER_MMA_WARPS * 32, 1) router_mma_kernel(
     }
 }
 
-// ---------------------------------------------------------------------------------------------------------
-// Top-k. One warp per token; lane l holds the logits of experts l, l + 32, ... Selection ranks raw logits
-// (softmax and sigmoid are monotonic, so this is the ranking of the scores, and CPU and GPU rank the same
-// fp32 values identically); NaN ranks as -inf, -0 below +0; ties go to the lower expert index.
-// ---------------------------------------------------------------------------------------------------------
-// Scoring codes (SPARKINFER_SCORING_*): 0 softmax, anything else (1) sigmoid.
-constexpr int SCORING_SOFTMAX = 0;
-
-// Order-preserving key of a logit for redux.sync: a larger logit gets a larger key, NaN ranks as -inf, and
-// -0 ranks below +0, the order of the CPU reference (f32::total_cmp). Every logit's key is above 0, which
-// marks an absent or already selected expert.
-SPK_DEVICE unsigned logit_key(float l) {
-    if (l != l) l = NEG_INF;
-    const unsigned b = __float_as_uint(l);
-    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-}
-
-SPK_DEVICE unsigned warp_max_u32(unsigned v) {
-    unsigned r;
-    asm volatile("redux.sync.max.u32 %0, %1, 0xffffffff;" : "=r"(r) : "r"(v));
-    return r;
-}
-
-SPK_DEVICE unsigned warp_min_u32(unsigned v) {
-    unsigned r;
-    asm volatile("redux.sync.min.u32 %0, %1, 0xffffffff;" : "=r"(r) : "r"(v));
-    return r;
-}
-
-// This lane's best remaining key and its expert (ties to the lower expert, i.e. the lower i), by a tree of
-// depth log2(TOPK_PER_LANE) rather than a serial scan.
-SPK_DEVICE void lane_best(const unsigned (&key)[TOPK_PER_LANE], int lane, unsigned& best_key, int& best_e) {
-    unsigned k[TOPK_PER_LANE];
-    int id[TOPK_PER_LANE];
-#pragma unroll
-    for (int i = 0; i < TOPK_PER_LANE; ++i) {
-        k[i] = key[i];
-        id[i] = i * 32 + lane;
-    }
-#pragma unroll
-    for (int s = 1; s < TOPK_PER_LANE; s <<= 1) {
-#pragma unroll
-        for (int i = 0; i + s < TOPK_PER_LANE; i += 2 * s) {
-            if (k[i + s] > k[i]) {
-                k[i] = k[i + s];
-                id[i] = id[i + s];
-            }
-        }
-    }
-    best_key = k[0];
-    best_e = id[0];
-}
-
-// Returns the expert of selection `lane` in lanes < top_k. Each round takes the warp's best (logit, then
-// lower expert) with two redux.sync (max key, then min expert among the lanes holding it); only the winning
-// lane's best changes.
-SPK_DEVICE int route_token(const float* __restrict__ logits_row, int experts, int top_k, int scoring,
-                            bool renormalize, const float* __restrict__ expert_scale, int* __restrict__ ids_row,
-                            float* __restrict__ weights_row) {
-    const int lane = threadIdx.x & 31;
-    unsigned key[TOPK_PER_LANE];
-    float row_max = NEG_INF;
-#pragma unroll
-    for (int i = 0; i < TOPK_PER_LANE; ++i) {
-        const int e = i * 32 + lane;
-        const float l = e < experts ? logits_row[e] : NEG_INF;
-        key[i] = e < experts ? logit_key(l) : 0u;
-        row_max = fmaxf(row_max, l);
-    }
-    if (expert_scale != nullptr) {
-        // Its selected entries are read after the selection: bring the vector into L1 meanwhile.
-        for (int e = lane * 32; e < experts; e += 32 * 32)
-            asm volatile("prefetch.global.L1 [%0];" ::"l"(expert_scale + e));
-    }
-    unsigned best_key;
-    int best_e;
-    lane_best(key, lane, best_key, best_e);
-    int my_id = 0;
-    for (int j = 0; j < top_k; ++j) {
-        const unsigned top = warp_max_u32(best_key);
-        const int win = (int)warp_min_u32(best_key == top ? (unsigned)best_e : 0xffffffffu);
-        if ((win & 31) == lane) {
-#pragma unroll
-            for (int i = 0; i < TOPK_PER_LANE; ++i) {
-                if (i == (win >> 5)) key[i] = 0u;
-            }
-            lane_best(key, lane, best_key, best_e);
-        }
-        if (lane == j) my_id = win;
-    }
-
-    float score = 0.0f;
-    if (scoring == SCORING_SOFTMAX) {
-        row_max = warp_reduce_max(row_max);
-        float sum = 0.0f;
-#pragma unroll
-        for (int i = 0; i < TOPK_PER_LANE; ++i) {
-            const int e = i * 32 + lane;
-            if (e < experts) sum += expf(logits_row[e] - row_max);
-        }
-        sum = warp_reduce_sum(sum);
-        if (lane < top_k) score = expf(logits_row[my_id] - row_max) / sum;
-    } else if (lane < top_k) {
-        score = 1.0f / (1.0f + expf(-logits_row[my_id]));
-    }
-    if (renormalize) {
-        const float total = warp_reduce_sum(lane < top_k ? score : 0.0f);
-        score = score / total;
-    }
-    if (lane < top_k) {
-        if (expert_scale != nullptr) score *= expert_scale[my_id];
-        ids_row[lane] = my_id;
-        weights_row[lane] = score;
-    }
-    return my_id;
-}
+// The top-k selection of one token by a warp and build_index_small are in common/routing.cuh.
 
 // ---------------------------------------------------------------------------------------------------------
 // Expert index over the T*k slots (slot = token * k + j), built by one block of TOPK_WARPS warps: warp w
@@ -439,36 +321,8 @@ SPK_DEVICE void build_index(const int* __restrict__ ids, int num_slots, int expe
     }
 }
 
-// Expert index of a single block's few slots (T <= TOPK_WARPS, so at most 16 * 16 = 256 slots), from the
-// ids in shared memory: slot s goes to position #{q : (id_q, q) < (id_s, s)} and expert e's offset is
-// #{q : id_q < e}. Each thread scans the slots once (broadcast shared reads), with no serial pass over
-// warps or experts and no shared counters to clear: the same order as build_index.
+// Slots whose ids a single-block launch keeps in shared memory for build_index_small.
 constexpr int SMALL_INDEX_SLOTS = TOPK_WARPS * 16;
-
-SPK_DEVICE void build_index_small(const int* __restrict__ sh_ids, int num_slots, int experts,
-                                  int* __restrict__ counts, int* __restrict__ offsets,
-                                  int* __restrict__ sorted_slots) {
-    for (int s = threadIdx.x; s < num_slots; s += blockDim.x) {
-        const int e = sh_ids[s];
-        int rank = 0;
-        for (int q = 0; q < num_slots; ++q) {
-            const int eq = sh_ids[q];
-            rank += (eq < e || (eq == e && q < s)) ? 1 : 0;
-        }
-        sorted_slots[rank] = s;
-    }
-    for (int e = threadIdx.x; e < experts; e += blockDim.x) {
-        int below = 0, count = 0;
-        for (int q = 0; q < num_slots; ++q) {
-            const int eq = sh_ids[q];
-            below += eq < e ? 1 : 0;
-            count += eq == e ? 1 : 0;
-        }
-        offsets[e] = below;
-        counts[e] = count;
-    }
-    if (threadIdx.x == 0) offsets[experts] = num_slots;
-}
 
 // One warp per token. With a single block (T <= TOPK_WARPS, the decode case) the same launch also builds
 // the index from the ids it keeps in shared memory, saving a launch on the critical path; otherwise
@@ -480,8 +334,10 @@ __global__ void __launch_bounds__(TOPK_WARPS * 32) topk_router_kernel(
     float* __restrict__ topk_weights, int* __restrict__ counts, int* __restrict__ offsets,
     int* __restrict__ sorted_slots, int build_index_here) {
     __shared__ int sh_ids[SMALL_INDEX_SLOTS];
-    pdl_wait();
+    // The next kernel may be scheduled at once: each waits for this grid's completion before it reads the
+    // routing, and the expert FFN's dense column (which needs none) runs meanwhile.
     pdl_launch_dependents();
+    pdl_wait();
     const int lane = threadIdx.x & 31;
     const int t = blockIdx.x * TOPK_WARPS + (threadIdx.x >> 5);
     if (t < tokens) {

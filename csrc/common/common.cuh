@@ -65,6 +65,35 @@ SPK_DEVICE uint4 load_u128_stream(const void* p) {
     return v;
 }
 
+// An L2 access policy that marks the lines it touches evict-first: for weights streamed once per call, so that
+// they do not push out data that a later kernel of the same call will read (see prefetch_l2_part).
+SPK_DEVICE unsigned long long l2_evict_first_policy() {
+    unsigned long long policy;
+    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+    return policy;
+}
+
+// load_u128_stream with an L2 policy from l2_evict_first_policy().
+SPK_DEVICE uint4 load_u128_stream(const void* p, unsigned long long policy) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p), "l"(policy));
+    return v;
+}
+
+// Asks L2 to fetch piece `part` of `parts` equal pieces of [p, p + bytes), one 128-byte line per thread
+// of the block and step: data that a later kernel reads, brought in while this one streams other data.
+// Evict-last keeps the lines ahead of the evict-normal and evict-first lines streamed meanwhile.
+SPK_DEVICE void prefetch_l2_part(const void* p, i64 bytes, int part, int parts) {
+    const i64 piece = ((bytes + parts - 1) / parts + 127) & ~(i64)127;
+    const i64 begin = piece * part;
+    const i64 end = bytes < begin + piece ? bytes : begin + piece;
+    const char* c = static_cast<const char*>(p);
+    for (i64 off = begin + (i64)threadIdx.x * 128; off < end; off += (i64)blockDim.x * 128)
+        asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(c + off));
+}
+
 SPK_DEVICE uint4 load_u128(const void* p) { return *reinterpret_cast<const uint4*>(p); }
 
 SPK_DEVICE void store_u128(void* p, const uint4& v) { *reinterpret_cast<uint4*>(p) = v; }

@@ -393,6 +393,13 @@ fn validate_topk(a: &TopkArgs) -> Result<TopkChecked> {
     })
 }
 
+fn scoring_code(s: Scoring) -> i32 {
+    match s {
+        Scoring::Softmax => 0,
+        Scoring::Sigmoid => 1,
+    }
+}
+
 /// # Safety
 /// As [`topk_router`]; `c` validated.
 unsafe fn launch_topk(device: &Device, c: &TopkChecked, stream: Stream) -> Result<()> {
@@ -404,10 +411,7 @@ unsafe fn launch_topk(device: &Device, c: &TopkChecked, stream: Stream) -> Resul
     let mut t = tokens as i32;
     let mut e = c.logits.cols as i32;
     let mut k = c.top_k as i32;
-    let mut scoring: i32 = match c.scoring {
-        Scoring::Softmax => 0,
-        Scoring::Sigmoid => 1,
-    };
+    let mut scoring = scoring_code(c.scoring);
     let mut renorm = i32::from(c.renormalize);
     let mut scale = c.scale.map_or(0, |s| s.ptr);
     let mut ids = c.ids.ptr;
@@ -744,9 +748,59 @@ fn ffn_device_check(device: &Device, c: &FfnChecked, routing: bool) -> Result<()
     check_all_on_device(device, x.into_iter().chain([("out", &c.out)]).chain(inputs))
 }
 
+/// The routing of a single token computed inside the decode gate/up kernel (`FusedRouting` in
+/// expert_ffn.cu): the MoE block call at T = 1 passes its logits and top-k outputs instead of launching
+/// the top-k kernel. `logits == 0`: the routing is given.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct FusedRouting {
+    logits: u64,
+    expert_scale: u64,
+    topk_ids: u64,
+    topk_weights: u64,
+    expert_counts: u64,
+    expert_offsets: u64,
+    sorted_slots: u64,
+    experts: i32,
+    scoring: i32,
+    renormalize: i32,
+    pad: i32,
+}
+
+const _: () = assert!(std::mem::size_of::<FusedRouting>() == 72);
+/// Most experts the gate/up kernel routes itself (32 × FUSED_ROUTING_PER_LANE in expert_ffn.cu); above it
+/// the top-k kernel runs.
+const FUSED_ROUTING_MAX_EXPERTS: usize = 256;
+
+impl FusedRouting {
+    fn of(c: &TopkChecked) -> FusedRouting {
+        FusedRouting {
+            logits: c.logits.ptr,
+            expert_scale: c.scale.map_or(0, |s| s.ptr),
+            topk_ids: c.ids.ptr,
+            topk_weights: c.weights.ptr,
+            expert_counts: c.counts.ptr,
+            expert_offsets: c.offsets.ptr,
+            sorted_slots: c.sorted.ptr,
+            experts: c.logits.cols as i32,
+            scoring: scoring_code(c.scoring),
+            renormalize: i32::from(c.renormalize),
+            pad: 0,
+        }
+    }
+}
+
 /// # Safety
-/// As [`expert_ffn`]; `c` validated, its routing pointers set.
-unsafe fn launch_ffn(device: &Device, c: &FfnChecked, stream: Stream) -> Result<()> {
+/// As [`expert_ffn`]; `c` validated, its routing pointers set. `early_dense`: the dense FFN may start
+/// before the routing is written (see moe_forward). `route`: single-token routing inside the gate/up
+/// kernel (decode path only).
+unsafe fn launch_ffn(
+    device: &Device,
+    c: &FfnChecked,
+    early_dense: bool,
+    route: FusedRouting,
+    stream: Stream,
+) -> Result<()> {
     let tokens = c.x.rows;
     let hidden = c.x.cols;
     let ws = c.ws.ptr;
@@ -798,6 +852,14 @@ unsafe fn launch_ffn(device: &Device, c: &FfnChecked, stream: Stream) -> Result<
         device.launch_dependent(&kernel, grid, (GG_THREADS as u32, 1, 1), shared as u32, stream.raw(), &mut args)?;
     } else {
         let kernel = device.kernel(&FFN_SOURCE, &gate_up_name(c.act, mt))?;
+        let mut down = c.routed.as_ref().map_or(0, |r| r.down.ptr);
+        let mut d_down = c.dense.as_ref().map_or(0, |d| d.down.ptr);
+        let mut prefetch_rows = down_prefetch_rows(device, tokens, c) as i32;
+        let mut early = i32::from(early_dense);
+        if route.logits != 0 && tokens != 1 {
+            return Err(Error::internal("expert FFN: fused routing is for a single token"));
+        }
+        let mut route = route;
         let mut args = crate::kernel_args![
             x,
             xs,
@@ -815,7 +877,12 @@ unsafe fn launch_ffn(device: &Device, c: &FfnChecked, stream: Stream) -> Result<
             d_inter_arg,
             d_gate_w,
             h_dense,
-            d_gate
+            d_gate,
+            down,
+            d_down,
+            prefetch_rows,
+            early,
+            route
         ];
         let grid_x = num_slots + usize::from(c.dense.is_some());
         let grid_y = r_inter.max(d_inter).div_ceil(FFN_WARPS);
@@ -888,6 +955,20 @@ unsafe fn launch_ffn(device: &Device, c: &FfnChecked, stream: Stream) -> Result<
     device.launch_dependent(&kernel, grid, block, 0, stream.raw(), &mut args)
 }
 
+/// Rows of the down projection's weights (per selected expert and of the dense FFN, the same count for
+/// each) that the decode gate/up kernel brings into L2, evict-last, for the down kernel: as many as fit in
+/// an eighth of the L2 across every expert that may be selected. On the H100 (50 MB L2) an eighth beat a
+/// quarter and a half at both models' T = 1 and T = 8: a larger share held qwen3.5 T = 1 about level and
+/// cost gemma4 T = 1 (44 MB of down weights) 3 µs of FFN time (docs/PERF.md).
+fn down_prefetch_rows(device: &Device, tokens: usize, c: &FfnChecked) -> usize {
+    let hidden = c.x.cols;
+    let routed_row = c.routed.as_ref().map_or(0, |r| (tokens * r.top_k).min(r.experts) * r.inter);
+    let dense_row = c.dense.as_ref().map_or(0, |d| d.inter);
+    let row_bytes = 2 * (routed_row + dense_row);
+    let budget = device.info.l2_bytes.max(0) as usize / 8;
+    budget.checked_div(row_bytes).unwrap_or(0).min(hidden)
+}
+
 /// Blocks of a grouped kernel's grid along x, from host bounds: every expert's tiles fit in
 /// ceil(T k / BM) + E, then the dense FFN's ceil(T / BM); blocks past the real tiles exit.
 fn grouped_tiles(c: &FfnChecked, tokens: usize) -> usize {
@@ -954,7 +1035,7 @@ pub unsafe fn expert_ffn(ctx: &Context, a: &ExpertFfnArgs, stream: Stream) -> Re
         }
         Backend::Cuda(device) => {
             ffn_device_check(device, &c, true)?;
-            launch_ffn(device, &c, stream)
+            launch_ffn(device, &c, false, FusedRouting::default(), stream)
         }
     }
 }
@@ -1148,8 +1229,16 @@ pub unsafe fn moe_forward(ctx: &Context, a: &MoeForwardArgs, stream: Stream) -> 
             check_all_on_device(device, ms)?;
             ffn_device_check(device, &ffn, false)?;
             launch_router(device, &router, stream)?;
-            launch_topk(device, &topk, stream)?;
-            launch_ffn(device, &ffn, stream)
+            // One token: the gate/up kernel routes it (saving the top-k launch), else the top-k kernel.
+            let route = if t == 1 && e <= FUSED_ROUTING_MAX_EXPERTS {
+                FusedRouting::of(&topk)
+            } else {
+                launch_topk(device, &topk, stream)?;
+                FusedRouting::default()
+            };
+            // The dense column may start before the routing is ready: x was complete before the router's
+            // plain launch, and the workspace is this call's.
+            launch_ffn(device, &ffn, true, route, stream)
         }
     }
 }

@@ -9,10 +9,14 @@
 // all experts in one launch; the other blocks exit at once. The down kernel gives each warp one output row
 // and walks the slots in expert-sorted order, fetching the routing of 32 slots at once and keeping the
 // down rows of four slots in flight together (rows of one expert repeat only for its own tokens and are
-// served by L1/L2). Prefill (T >= 33) runs grouped GEMMs on tensor cores and a combine (further below).
+// served by L1/L2). The gate_up blocks also bring the first rows of their experts' down weights into L2
+// for the down kernel. In the MoE block call, the dense column starts before the routing is ready, and
+// a single token's routing is computed inside the gate_up kernel (FusedRouting), without the top-k
+// launch. Prefill (T >= 33) runs grouped GEMMs on tensor cores and a combine (further below).
 // Either way the top-k sum is accumulated in fp32 in a fixed order (deterministic, no atomics) with a
 // single rounding at the end.
 #include "common/common.cuh"
+#include "common/routing.cuh"
 
 // gate/up: warps (one intermediate row each) per block. Small blocks with MT = 1 held to 64 registers keep
 // 8 blocks (32 warps) resident per SM and give the block scheduler finer pieces to balance over the SMs.
@@ -39,6 +43,7 @@ SPK_DEVICE void gate_up_rows(const bf16_t* __restrict__ w, int inter, int hidden
     const bf16_t* g_row = w + (i64)row * hidden;
     const bf16_t* u_row = w + (i64)(inter + row) * hidden;
     const int num_vec = hidden >> 3;
+    const unsigned long long policy = l2_evict_first_policy();
     float acc_g[MT], acc_u[MT];
 #pragma unroll
     for (int m = 0; m < MT; ++m) acc_g[m] = acc_u[m] = 0.0f;
@@ -47,8 +52,8 @@ SPK_DEVICE void gate_up_rows(const bf16_t* __restrict__ w, int inter, int hidden
 #pragma unroll
         for (int u = 0; u < FFN_UNROLL; ++u) {
             const int v = base + u * 32 + lane;
-            gv[u] = v < num_vec ? load_u128_stream(g_row + (i64)v * 8) : make_uint4(0, 0, 0, 0);
-            uv[u] = v < num_vec ? load_u128_stream(u_row + (i64)v * 8) : make_uint4(0, 0, 0, 0);
+            gv[u] = v < num_vec ? load_u128_stream(g_row + (i64)v * 8, policy) : make_uint4(0, 0, 0, 0);
+            uv[u] = v < num_vec ? load_u128_stream(u_row + (i64)v * 8, policy) : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
         for (int u = 0; u < FFN_UNROLL; ++u) {
@@ -97,6 +102,37 @@ SPK_DEVICE float dense_gate_of(const bf16_t* __restrict__ x_row, const bf16_t* _
     return 1.0f / (1.0f + expf(-warp_reduce_sum(acc)));
 }
 
+// The routing of a single token computed inside the gate/up kernel (the MoE block call at T = 1): logits
+// non-null. Warp 0 of each routed block selects the top-k from the logits and gives the block the expert
+// at its position of the sorted order; block (0, 0) also writes the routing (ids, weights, counts,
+// offsets, sorted slots) that the down kernel and the caller read. This saves the top-k launch and its
+// two dependent waits on the decode critical path. Layout shared with ops::moe::FusedRouting.
+// Experts per lane of the fused selection: up to 256 experts (ops::moe::FUSED_ROUTING_MAX_EXPERTS) within
+// the 64 registers of the single-token gate/up kernel.
+constexpr int FUSED_ROUTING_PER_LANE = 8;
+struct FusedRouting {
+    const float* logits;        // [experts] fp32, or nullptr: the routing is given
+    const float* expert_scale;  // per-expert weight factor, or nullptr
+    int* topk_ids;              // [top_k], the outputs: as the top-k kernel's
+    float* topk_weights;        // [top_k]
+    int* expert_counts;         // [experts]
+    int* expert_offsets;        // [experts + 1]
+    int* sorted_slots;          // [top_k]
+    int experts, scoring, renormalize, pad;
+};
+static_assert(sizeof(FusedRouting) == 72, "FusedRouting: layout shared with ops::moe");
+
+// Expert and slot of position p (< top_k) of the sorted order of one token's selection, lane j < top_k
+// holding selection j's expert (distinct experts): the selection whose expert has p smaller ones.
+SPK_DEVICE void sorted_position(int my_id, int top_k, int p, int& expert, int& slot) {
+    const int lane = threadIdx.x & 31;
+    int rank = 0;
+    for (int i = 0; i < top_k; ++i) rank += __shfl_sync(0xffffffffu, my_id, i) < my_id ? 1 : 0;
+    const unsigned hit = __ballot_sync(0xffffffffu, lane < top_k && rank == p);
+    slot = __ffs(hit) - 1;
+    expert = __shfl_sync(0xffffffffu, my_id, slot);
+}
+
 // grid.x: num_slots routed positions, plus one for the dense FFN when present; grid.y: row tiles of
 // FFN_WARPS intermediate rows, sized for the larger of the two intermediates.
 template <int ACT, int MT>
@@ -105,9 +141,19 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, MT == 1 ? 8 : 1) expert_gate_u
     int inter, const int* __restrict__ topk_ids, const int* __restrict__ expert_offsets,
     const int* __restrict__ sorted_slots, int num_slots, bf16_t* __restrict__ h_routed, int tokens,
     const bf16_t* __restrict__ dense_gate_up, int dense_inter, const bf16_t* __restrict__ dense_gate_weight,
-    bf16_t* __restrict__ h_dense, float* __restrict__ dense_gate) {
+    bf16_t* __restrict__ h_dense, float* __restrict__ dense_gate, const bf16_t* __restrict__ down,
+    const bf16_t* __restrict__ dense_down, int prefetch_rows, int early_dense,
+    const __grid_constant__ FusedRouting route) {
+    const bool dense_block = (int)blockIdx.x >= num_slots;
+    // The grid's rows are sized for the larger intermediate: routed blocks past the experts' rows have no
+    // work and leave before waiting.
+    const int row_tiles = (inter + FFN_WARPS - 1) / FFN_WARPS;
+    if (!dense_block && (int)blockIdx.y >= row_tiles) return;
     // Launched with programmatic dependent launch: the routing is written by the kernel before this one.
-    pdl_wait();
+    // With early_dense (the MoE block call, whose x was complete before the router's plain launch and whose
+    // workspace no earlier kernel still reads) the dense column reads only x and weights, so it starts
+    // while the routing is still being computed.
+    if (!(dense_block && early_dense)) pdl_wait();
     pdl_launch_dependents();
     const int warp = threadIdx.x >> 5;
     const int lane = threadIdx.x & 31;
@@ -115,19 +161,56 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, MT == 1 ? 8 : 1) expert_gate_u
     const bf16_t* x_rows[MT];
     bf16_t* h_rows[MT];
 
-    if ((int)blockIdx.x < num_slots) {
+    if (!dense_block) {
         const int p = blockIdx.x;
-        const int e = topk_ids[sorted_slots[p]];
-        if (expert_offsets[e] != p) return;  // not the first position of its expert's segment
+        int e, end, fused_slot = 0;
+        if (MT == 1 && route.logits != nullptr) {
+            // Warp 0 selects; the block's other warps take its expert and slot from shared memory. Block
+            // (0, 0) also scores the selection and writes the routing.
+            __shared__ int sh_ids[TOPK_MAX_K];
+            __shared__ int sh_pick[2];
+            const bool writer = blockIdx.x == 0 && blockIdx.y == 0;
+            if (warp == 0) {
+                float row_max;
+                const float* scale = writer ? route.expert_scale : nullptr;
+                const int my_id =
+                    select_top_k<FUSED_ROUTING_PER_LANE>(route.logits, route.experts, top_k, scale, row_max);
+                int pe, ps;
+                sorted_position(my_id, top_k, p, pe, ps);
+                if (lane == 0) {
+                    sh_pick[0] = pe;
+                    sh_pick[1] = ps;
+                }
+                if (writer) {
+                    route_scores(route.logits, route.experts, top_k, route.scoring, route.renormalize != 0, scale,
+                                 my_id, row_max, route.topk_ids, route.topk_weights);
+                    if (lane < top_k) sh_ids[lane] = my_id;
+                }
+            }
+            __syncthreads();
+            e = sh_pick[0];
+            fused_slot = sh_pick[1];
+            end = p + 1;
+            if (writer)
+                build_index_small(sh_ids, top_k, route.experts, route.expert_counts, route.expert_offsets,
+                                  route.sorted_slots);
+        } else {
+            e = topk_ids[sorted_slots[p]];
+            if (expert_offsets[e] != p) return;  // not the first position of its expert's segment
+            end = expert_offsets[e + 1];
+        }
+        // The down kernel's first prefetch_rows rows of this expert, spread over the column, come into L2
+        // while this kernel streams the gate/up rows.
+        if (prefetch_rows > 0)
+            prefetch_l2_part(down + (i64)e * hidden * inter, (i64)prefetch_rows * inter * 2, blockIdx.y, row_tiles);
         if (row >= inter) return;
-        const int end = expert_offsets[e + 1];
         const bf16_t* w = gate_up + (i64)e * 2 * inter * hidden;
         // More than MT tokens on one expert (prefill) take several passes; the rows stay in L1/L2.
         for (int q = p; q < end; q += MT) {
             const int nt = min(MT, end - q);
 #pragma unroll
             for (int m = 0; m < MT; ++m) {
-                const int s = sorted_slots[q + min(m, nt - 1)];
+                const int s = MT == 1 && route.logits != nullptr ? fused_slot : sorted_slots[q + min(m, nt - 1)];
                 x_rows[m] = x + (i64)(s / top_k) * x_row_stride;
                 h_rows[m] = h_routed + (i64)s * inter;
             }
@@ -138,6 +221,8 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, MT == 1 ? 8 : 1) expert_gate_u
 
     // The dense FFN: every token, weight 1. The gate sigmoid(x . w_sg) of token t is computed by warp
     // t mod (warps in the dense column), so prefill spreads it over the column.
+    if (prefetch_rows > 0)
+        prefetch_l2_part(dense_down, (i64)prefetch_rows * dense_inter * 2, blockIdx.y, gridDim.y);
     if (dense_gate_weight != nullptr) {
         for (int t = row; t < tokens; t += gridDim.y * FFN_WARPS) {
             const float gate = dense_gate_of(x + (i64)t * x_row_stride, dense_gate_weight, hidden);
@@ -171,6 +256,7 @@ SPK_DEVICE void warp_dot_group(const bf16_t* const (&w)[DOWN_GROUP], const bf16_
     float acc[DOWN_GROUP];
 #pragma unroll
     for (int g = 0; g < DOWN_GROUP; ++g) acc[g] = 0.0f;
+    const unsigned long long policy = l2_evict_first_policy();
     // One 16-byte load per row per step keeps DOWN_GROUP loads in flight per lane within 85 registers, so
     // that three blocks of 8 warps (24 warps) stay resident per SM without spilling.
     for (int base = 0; base < max_vec; base += 32) {
@@ -178,7 +264,7 @@ SPK_DEVICE void warp_dot_group(const bf16_t* const (&w)[DOWN_GROUP], const bf16_
         const int v = base + lane;
 #pragma unroll
         for (int g = 0; g < DOWN_GROUP; ++g)
-            wv[g] = v < (len[g] >> 3) ? load_u128_stream(w[g] + (i64)v * 8) : make_uint4(0, 0, 0, 0);
+            wv[g] = v < (len[g] >> 3) ? load_u128_stream(w[g] + (i64)v * 8, policy) : make_uint4(0, 0, 0, 0);
 #pragma unroll
         for (int g = 0; g < DOWN_GROUP; ++g) {
             if (v < (len[g] >> 3)) {

@@ -749,25 +749,23 @@ fn ffn_device_check(device: &Device, c: &FfnChecked, routing: bool) -> Result<()
 }
 
 /// The routing of a single token computed inside the decode gate/up kernel (`FusedRouting` in
-/// expert_ffn.cu): the MoE block call at T = 1 passes its logits and top-k outputs instead of launching
-/// the top-k kernel. `logits == 0`: the routing is given.
+/// expert_ffn.cu): the MoE block call at T = 1 passes its logits, and the outputs the gate/up kernel does
+/// not otherwise take, instead of launching the top-k kernel; the ids, offsets and sorted slots go to the
+/// FFN's routing pointers, as when the top-k kernel writes them. `logits == 0`: the routing is given.
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 struct FusedRouting {
     logits: u64,
     expert_scale: u64,
-    topk_ids: u64,
     topk_weights: u64,
     expert_counts: u64,
-    expert_offsets: u64,
-    sorted_slots: u64,
     experts: i32,
     scoring: i32,
     renormalize: i32,
     pad: i32,
 }
 
-const _: () = assert!(std::mem::size_of::<FusedRouting>() == 72);
+const _: () = assert!(std::mem::size_of::<FusedRouting>() == 48);
 /// Most experts the gate/up kernel routes itself (32 × FUSED_ROUTING_PER_LANE in expert_ffn.cu); above it
 /// the top-k kernel runs.
 const FUSED_ROUTING_MAX_EXPERTS: usize = 256;
@@ -777,11 +775,8 @@ impl FusedRouting {
         FusedRouting {
             logits: c.logits.ptr,
             expert_scale: c.scale.map_or(0, |s| s.ptr),
-            topk_ids: c.ids.ptr,
             topk_weights: c.weights.ptr,
             expert_counts: c.counts.ptr,
-            expert_offsets: c.offsets.ptr,
-            sorted_slots: c.sorted.ptr,
             experts: c.logits.cols as i32,
             scoring: scoring_code(c.scoring),
             renormalize: i32::from(c.renormalize),
@@ -802,6 +797,9 @@ unsafe fn launch_ffn(
     stream: Stream,
 ) -> Result<()> {
     let tokens = c.x.rows;
+    if route.logits != 0 && tokens != 1 {
+        return Err(Error::internal("expert FFN: fused routing is for a single token"));
+    }
     let hidden = c.x.cols;
     let ws = c.ws.ptr;
     let (r_inter, r_top_k, num_slots) = c.routed.as_ref().map_or((0, 0, 0), |r| (r.inter, r.top_k, tokens * r.top_k));
@@ -856,9 +854,6 @@ unsafe fn launch_ffn(
         let mut d_down = c.dense.as_ref().map_or(0, |d| d.down.ptr);
         let mut prefetch_rows = down_prefetch_rows(device, tokens, c) as i32;
         let mut early = i32::from(early_dense);
-        if route.logits != 0 && tokens != 1 {
-            return Err(Error::internal("expert FFN: fused routing is for a single token"));
-        }
         let mut route = route;
         let mut args = crate::kernel_args![
             x,

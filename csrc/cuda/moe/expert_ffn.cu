@@ -110,17 +110,16 @@ SPK_DEVICE float dense_gate_of(const bf16_t* __restrict__ x_row, const bf16_t* _
 // Experts per lane of the fused selection: up to 256 experts (ops::moe::FUSED_ROUTING_MAX_EXPERTS) within
 // the 64 registers of the single-token gate/up kernel.
 constexpr int FUSED_ROUTING_PER_LANE = 8;
+// The ids, offsets and sorted slots go to the kernel's own routing pointers; the weights and counts,
+// which the gate/up kernel does not otherwise take, come here.
 struct FusedRouting {
     const float* logits;        // [experts] fp32, or nullptr: the routing is given
     const float* expert_scale;  // per-expert weight factor, or nullptr
-    int* topk_ids;              // [top_k], the outputs: as the top-k kernel's
     float* topk_weights;        // [top_k]
     int* expert_counts;         // [experts]
-    int* expert_offsets;        // [experts + 1]
-    int* sorted_slots;          // [top_k]
     int experts, scoring, renormalize, pad;
 };
-static_assert(sizeof(FusedRouting) == 72, "FusedRouting: layout shared with ops::moe");
+static_assert(sizeof(FusedRouting) == 48, "FusedRouting: layout shared with ops::moe");
 
 // Expert and slot of position p (< top_k) of the sorted order of one token's selection, lane j < top_k
 // holding selection j's expert (distinct experts): the selection whose expert has p smaller ones.
@@ -138,8 +137,8 @@ SPK_DEVICE void sorted_position(int my_id, int top_k, int p, int& expert, int& s
 template <int ACT, int MT>
 __global__ void __launch_bounds__(FFN_WARPS * 32, MT == 1 ? 8 : 1) expert_gate_up_kernel(
     const bf16_t* __restrict__ x, i64 x_row_stride, int top_k, int hidden, const bf16_t* __restrict__ gate_up,
-    int inter, const int* __restrict__ topk_ids, const int* __restrict__ expert_offsets,
-    const int* __restrict__ sorted_slots, int num_slots, bf16_t* __restrict__ h_routed, int tokens,
+    int inter, int* __restrict__ topk_ids, int* __restrict__ expert_offsets, int* __restrict__ sorted_slots,
+    int num_slots, bf16_t* __restrict__ h_routed, int tokens,
     const bf16_t* __restrict__ dense_gate_up, int dense_inter, const bf16_t* __restrict__ dense_gate_weight,
     bf16_t* __restrict__ h_dense, float* __restrict__ dense_gate, const bf16_t* __restrict__ down,
     const bf16_t* __restrict__ dense_down, int prefetch_rows, int early_dense,
@@ -164,7 +163,8 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, MT == 1 ? 8 : 1) expert_gate_u
     if (!dense_block) {
         const int p = blockIdx.x;
         int e, end, fused_slot = 0;
-        if (MT == 1 && route.logits != nullptr) {
+        const bool fused = MT == 1 && route.logits != nullptr;
+        if (fused) {
             // Warp 0 selects; the block's other warps take its expert and slot from shared memory. Block
             // (0, 0) also scores the selection and writes the routing.
             __shared__ int sh_ids[TOPK_MAX_K];
@@ -183,7 +183,7 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, MT == 1 ? 8 : 1) expert_gate_u
                 }
                 if (writer) {
                     route_scores(route.logits, route.experts, top_k, route.scoring, route.renormalize != 0, scale,
-                                 my_id, row_max, route.topk_ids, route.topk_weights);
+                                 my_id, row_max, topk_ids, route.topk_weights);
                     if (lane < top_k) sh_ids[lane] = my_id;
                 }
             }
@@ -192,8 +192,7 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, MT == 1 ? 8 : 1) expert_gate_u
             fused_slot = sh_pick[1];
             end = p + 1;
             if (writer)
-                build_index_small(sh_ids, top_k, route.experts, route.expert_counts, route.expert_offsets,
-                                  route.sorted_slots);
+                build_index_small(sh_ids, top_k, route.experts, route.expert_counts, expert_offsets, sorted_slots);
         } else {
             e = topk_ids[sorted_slots[p]];
             if (expert_offsets[e] != p) return;  // not the first position of its expert's segment
@@ -210,7 +209,7 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, MT == 1 ? 8 : 1) expert_gate_u
             const int nt = min(MT, end - q);
 #pragma unroll
             for (int m = 0; m < MT; ++m) {
-                const int s = MT == 1 && route.logits != nullptr ? fused_slot : sorted_slots[q + min(m, nt - 1)];
+                const int s = fused ? fused_slot : sorted_slots[q + min(m, nt - 1)];
                 x_rows[m] = x + (i64)(s / top_k) * x_row_stride;
                 h_rows[m] = h_routed + (i64)s * inter;
             }

@@ -51,6 +51,19 @@ impl<'a> Weights<'a> {
     }
 
     fn block_args(&self, i: usize, x: u64, out: u64, tokens: usize, ws: (u64, usize)) -> MoeForwardArgs {
+        self.block_args_dense(i, x, out, tokens, ws, true)
+    }
+
+    /// The block's arguments; `dense` false leaves out the dense/shared FFN.
+    fn block_args_dense(
+        &self,
+        i: usize,
+        x: u64,
+        out: u64,
+        tokens: usize,
+        ws: (u64, usize),
+        dense: bool,
+    ) -> MoeForwardArgs {
         let s = &self.s;
         MoeForwardArgs {
             ffn: ExpertFfnArgs {
@@ -73,7 +86,7 @@ impl<'a> Weights<'a> {
                     expert_offsets: 0,
                     sorted_slots: 0,
                 }),
-                dense: Some(DenseFfn {
+                dense: dense.then(|| DenseFfn {
                     gate_up: self.dense_gate_up.ptr(i),
                     down: self.dense_down.ptr(i),
                     inter: s.dense_inter as i64,
@@ -98,9 +111,13 @@ impl<'a> Weights<'a> {
 
     /// Byte floor of the block at `tokens` tokens.
     fn block_bytes(&self, tokens: usize) -> f64 {
+        self.routed_bytes(tokens) + ops::expert_bytes(self.s.hidden, self.s.dense_inter) as f64
+    }
+
+    /// Byte floor of the block without its dense/shared FFN.
+    fn routed_bytes(&self, tokens: usize) -> f64 {
         let s = &self.s;
         self.distinct_experts(tokens) * ops::expert_bytes(s.hidden, s.inter) as f64
-            + ops::expert_bytes(s.hidden, s.dense_inter) as f64
             + (s.experts * s.hidden * 2) as f64
             + (2 * tokens * s.hidden * 2) as f64
     }
@@ -126,19 +143,22 @@ impl<'a> Io<'a> {
     }
 }
 
-fn block_row(b: &mut Bench, w: &Weights, tokens: usize) -> Result<Row> {
+/// The block at `tokens` tokens; `dense` false leaves out the dense/shared FFN (router, top-k and the
+/// routed experts only: the Gemma 4 decode target's definition).
+fn block_row(b: &mut Bench, w: &Weights, tokens: usize, dense: bool) -> Result<Row> {
     let io = Io::new(b, &w.s, tokens, 64)?;
     let (ctx, stream) = (b.ctx, b.stream);
     let us = time_launches(b.device, stream, b.iters, |i| {
-        let args = w.block_args(i, io.x.ptr(i), io.out.ptr(i), tokens, (io.ws.ptr(i), io.ws_bytes));
+        let args = w.block_args_dense(i, io.x.ptr(i), io.out.ptr(i), tokens, (io.ws.ptr(i), io.ws_bytes), dense);
         // Every buffer holds its copies' full extents.
         unsafe { ops::moe_forward(ctx, &args, stream) }
     })?;
+    let (suffix, bytes) = if dense { ("", w.block_bytes(tokens)) } else { (" no dense", w.routed_bytes(tokens)) };
     Ok(Row {
         op: "moe_block".into(),
-        shape: format!("{} T={tokens} E={} k={}", w.s.label, w.s.experts, w.s.top_k),
+        shape: format!("{} T={tokens} E={} k={}{suffix}", w.s.label, w.s.experts, w.s.top_k),
         us,
-        bytes: w.block_bytes(tokens),
+        bytes,
     })
 }
 
@@ -242,7 +262,10 @@ pub fn rows(b: &mut Bench) -> Result<Vec<Row>> {
     for shape in [QWEN35, GEMMA4] {
         let w = Weights::new(b, shape)?;
         for tokens in [1, 8, 64] {
-            rows.push(block_row(b, &w, tokens)?);
+            rows.push(block_row(b, &w, tokens, true)?);
+        }
+        if shape.gemma {
+            rows.push(block_row(b, &w, 1, false)?);
         }
         if shape.label == QWEN35.label {
             rows.push(prefill_row(b, &w, 2048)?);

@@ -43,7 +43,7 @@ pub const MAX_FFN_DIM: i64 = 65536;
 /// several passes over L1-resident rows.
 const GATE_UP_TILES: [usize; 4] = [1, 2, 4, 8];
 /// Warps per block, as ROUTER_WARPS / TOPK_WARPS / FFN_WARPS in the kernels.
-const ROUTER_WARPS: usize = 8;
+const ROUTER_WARPS: usize = 4;
 const ROUTER_MMA_WARPS: usize = 8;
 const TOPK_WARPS: usize = 16;
 const FFN_WARPS: usize = 4;
@@ -134,7 +134,8 @@ fn ffn_instantiations() -> Vec<String> {
         .iter()
         .flat_map(|&a| GATE_UP_TILES.iter().map(move |&mt| gate_up_name(a, mt).to_string()))
         .collect();
-    v.push("expert_down_kernel".into());
+    v.push("expert_down_kernel<false>".into());
+    v.push("expert_down_kernel<true>".into());
     v.extend([Activation::Silu, Activation::GeluTanh].map(|a| grouped_gate_up_name(a).to_string()));
     v.push("grouped_down_kernel".into());
     v.push("ffn_combine_kernel".into());
@@ -924,7 +925,9 @@ unsafe fn launch_ffn(
         return device.launch_dependent(&kernel, grid, (COMBINE_THREADS as u32, 1, 1), 0, stream.raw(), &mut args);
     }
 
-    let kernel = device.kernel(&FFN_SOURCE, "expert_down_kernel")?;
+    // A single token takes the chunked path with four blocks per SM (expert_down_kernel<true>).
+    let name = if tokens == 1 { "expert_down_kernel<true>" } else { "expert_down_kernel<false>" };
+    let kernel = device.kernel(&FFN_SOURCE, name)?;
     let mut args = crate::kernel_args![
         t,
         top_k,

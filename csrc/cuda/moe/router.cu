@@ -5,16 +5,18 @@
 #include "common/mma.cuh"
 #include "common/routing.cuh"
 
-constexpr int ROUTER_WARPS = 8;
-constexpr int ROUTER_UNROLL = 8;
+constexpr int ROUTER_WARPS = 4;
+// Loads per lane in flight per row: a whole row up to hidden = 3072 (Gemma 4's 2816 included) in one go.
+constexpr int ROUTER_UNROLL = 12;
 constexpr int TOPK_WARPS = 16;
 
 // ---------------------------------------------------------------------------------------------------------
-// Router GEMV for one token (decode). One warp owns one expert row of Wr; grid.y is the token. The kernel is
-// bound by reading Wr once, like the GEMV. With TRANSFORM the input is RMSNorm-without-weight(x) * scale *
-// H^-0.5 (Gemma 4): the factor rsqrt(mean(x^2) + eps) * H^-0.5 is pulled out of the dot product, so only
-// x * scale enters the inner loop and the norm costs one block reduction. Launch bounds as the tensor-core router's
-// below (without the minimum, ptxas spilled 4 bytes on sm_100 and later).
+// Router GEMV for one token (decode). One warp owns one expert row of Wr and has the whole row in flight
+// at once (up to hidden = 3072); blocks of 4 warps spread the rows over more SMs. grid.y is the token. With
+// TRANSFORM the input is RMSNorm-without-weight(x) * scale * H^-0.5 (Gemma 4): the factor rsqrt(mean(x^2) +
+// eps) * H^-0.5 is pulled out of the dot product, so only x * scale enters the inner loop, and the norm
+// (one block reduction) is computed while the weights are in flight. Launch bounds as the tensor-core
+// router's below (without the minimum, ptxas spilled 4 bytes on sm_100 and later).
 // ---------------------------------------------------------------------------------------------------------
 template <bool TRANSFORM>
 __global__ void __launch_bounds__(ROUTER_WARPS * 32, 1) router_gemv_kernel(
@@ -30,35 +32,32 @@ __global__ void __launch_bounds__(ROUTER_WARPS * 32, 1) router_gemv_kernel(
     const int num_vec = hidden >> 3;
     const bf16_t* xt = x + (i64)t * x_row_stride;
 
-    if (TRANSFORM) {
-        // Every block recomputes the norm: one row of x is a few KiB from L2, cheaper than a launch.
-        float ss = 0.0f;
-        for (int v = threadIdx.x; v < num_vec; v += blockDim.x) {
-            float xf[8];
-            bf16x8_to_f32(load_u128_ro(xt + (i64)v * 8), xf);
-#pragma unroll
-            for (int j = 0; j < 8; ++j) ss = fmaf(xf[j], xf[j], ss);
-        }
-        ss = block_reduce_sum(ss, reduce_scratch);
-        if (threadIdx.x == 0) row_factor = rsqrtf(ss / (float)hidden + eps) * rsqrtf((float)hidden);
-        __syncthreads();
-    }
-
+    // The row's weight loads go out first; with TRANSFORM the norm of x (L2 reads and a block reduction)
+    // is computed while they are in flight, and applied to the dot product at the end.
     const int row = blockIdx.x * ROUTER_WARPS + (threadIdx.x >> 5);
-    if (row >= experts) return;
-    const bf16_t* w_row = w + (i64)row * hidden;
-    float acc = 0.0f;
+    const bool row_ok = row < experts;
+    const bf16_t* w_row = w + (i64)(row_ok ? row : 0) * hidden;
+    float acc = 0.0f, ss = 0.0f;
     for (int base = 0; base < num_vec; base += 32 * ROUTER_UNROLL) {
         uint4 wv[ROUTER_UNROLL];
 #pragma unroll
         for (int u = 0; u < ROUTER_UNROLL; ++u) {
             const int v = base + u * 32 + lane;
-            wv[u] = v < num_vec ? load_u128_stream(w_row + (i64)v * 8) : make_uint4(0, 0, 0, 0);
+            wv[u] = row_ok && v < num_vec ? load_u128_stream(w_row + (i64)v * 8) : make_uint4(0, 0, 0, 0);
+        }
+        if (TRANSFORM && base == 0) {
+            // Every block recomputes the norm: one row of x is a few KiB from L2, cheaper than a launch.
+            for (int v = threadIdx.x; v < num_vec; v += blockDim.x) {
+                float xf[8];
+                bf16x8_to_f32(load_u128_ro(xt + (i64)v * 8), xf);
+#pragma unroll
+                for (int j = 0; j < 8; ++j) ss = fmaf(xf[j], xf[j], ss);
+            }
         }
 #pragma unroll
         for (int u = 0; u < ROUTER_UNROLL; ++u) {
             const int v = base + u * 32 + lane;
-            if (v < num_vec) {
+            if (row_ok && v < num_vec) {
                 float wf[8], xf[8];
                 bf16x8_to_f32(wv[u], wf);
                 if (TRANSFORM) {
@@ -73,6 +72,12 @@ __global__ void __launch_bounds__(ROUTER_WARPS * 32, 1) router_gemv_kernel(
             }
         }
     }
+    if (TRANSFORM) {
+        ss = block_reduce_sum(ss, reduce_scratch);
+        if (threadIdx.x == 0) row_factor = rsqrtf(ss / (float)hidden + eps) * rsqrtf((float)hidden);
+        __syncthreads();
+    }
+    if (!row_ok) return;
     acc = warp_reduce_sum(acc);
     if (lane == 0) logits[(i64)t * logits_row_stride + row] = acc * (TRANSFORM ? row_factor : 1.0f);
 }

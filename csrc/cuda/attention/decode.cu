@@ -90,9 +90,16 @@ SPK_DEVICE void zero_partials(const DecodeParams& p, int b, int hkv, int row0, i
 // inside every row's visible range skip the per-element mask; the accumulator is rescaled only when a
 // row's running max moved; exponentials are ex2.approx on log2-scaled scores.
 // Per tile, as in prefill: S = Q K^T (the rows padded to M = 16, Q from shared memory by ldmatrix) and
-// O += P V run as mma.sync m16n8k16 (bf16 in, fp32 accumulators), P re-packed as bf16 A fragments. At
-// the end the streams' (m, l, O) are merged through shared memory (reusing the rings) and the split's
-// rows written: the output (or, with splits, fp32 partials and lse for the combine).
+// O += P V run as mma.sync m16n8k16 (bf16 in, fp32 accumulators), P re-packed as bf16 A fragments.
+//
+// At short contexts a CTA's fixed cost dominates (its 2 or 4 warps leave each instruction's latency
+// exposed), so the prologue and epilogue are short. Without a window a split's key range does not depend
+// on the sequence length: its first tiles are issued right after the PDL wait, while the length is read
+// (one that turns out to lie past the sequence is only waited for). At the end each lane writes its
+// fragment rows g and g + 8 from registers: the output, or with splits the fp32 partials and lse for the
+// combine. With one stream (D = 512) each warp writes its D / SLICES dims; with several, warp w owns dims
+// [w D / STREAMS, (w + 1) D / STREAMS): it receives the other streams' m, l and O of those dims through
+// shared memory (reusing the rings) and merges them with its own by log-sum-exp.
 //
 // The tensor maps (encoded on the host per launch, ops::attention) view a cache as 5-d, innermost first:
 // (64 elements = 128 bytes of a head row, token, 64-element chunk of the row, KV head, sequence) for a
@@ -137,7 +144,7 @@ template <int D> struct DecodeMmaShared {
     };
     union {
         Ring ring[T::STREAMS][T::STAGES];
-        Merge merge;  // after every warp has finished its tiles
+        Merge merge;  // after every warp has finished its tiles; o's columns swizzled (see the kernel's end)
     } u;
     bf16_t q[16][T::PITCH];
     unsigned long long bar[T::STREAMS][T::STAGES];  // one mbarrier per ring stage
@@ -170,6 +177,27 @@ SPK_DEVICE float fast_exp2(float x) {
 
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
+
+// This lane's part of output row (token t, query head hq) of flash_decode_mma_kernel: dims dim + 8 j and
+// dim + 8 j + 1 (j < TILES; the 4 lanes of a quad cover 8 consecutive dims for each j), as bf16 into out or,
+// with splits, as fp32 into the split's partial output; and the row's lse when `lse_lane`.
+template <int D, int TILES>
+SPK_DEVICE void decode_store_row(const DecodeParams& p, int b, int t, int hq, int split, int dim,
+                                 const float (&v)[TILES][2], float lse, bool lse_lane) {
+    const i64 row = ((i64)b * p.tq + t) * p.hq + hq;
+    if (p.part_o == nullptr) {
+        bf16_t* dst =
+            p.out + (i64)b * p.out_stride_batch + (i64)t * p.out_stride_token + (i64)hq * p.out_stride_head + dim;
+#pragma unroll
+        for (int j = 0; j < TILES; ++j) *reinterpret_cast<unsigned*>(dst + 8 * j) = pack_bf16x2(v[j][0], v[j][1]);
+        if (lse_lane && p.lse != nullptr) p.lse[row] = lse;
+    } else {
+        float* dst = p.part_o + (row * p.num_splits + split) * D + dim;
+#pragma unroll
+        for (int j = 0; j < TILES; ++j) *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(v[j][0], v[j][1]);
+        if (lse_lane) p.part_lse[row * p.num_splits + split] = lse;
+    }
+}
 
 template <int D>
 __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
@@ -210,8 +238,11 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
     const int row0 = row_chunk * 16;
     const int rows = min(16, p.rows_total - row0);
 
-    if (tid < T::STREAMS * S) {
-        mbar_init(&s.bar[tid / S][tid % S], 1);
+    // The thread that issues a stream's copies initialises its barriers (the stream's other threads wait on
+    // them after the __syncthreads that publishes q).
+    if (stream_lane == 0) {
+#pragma unroll
+        for (int st = 0; st < S; ++st) mbar_init(&s.bar[stream][st], 1);
         fence_proxy_async_shared();
     }
     // The maps are kernel parameters, not data of the kernel before this one: fetched before the wait.
@@ -219,22 +250,69 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
         prefetch_tensor_map(&p.k_map);
         prefetch_tensor_map(&p.v_map);
     }
+    // Shared-window address of the stream's ring: stage st holds K at + st * sizeof(Ring), V TILE_BYTES on.
+    const unsigned ring_base = shared_address(&s.u.ring[stream][0]);
+    // The tile of keys [start, start + N) into stage `stage` of the stream's ring, by one thread: K and V,
+    // one box each. Keys past the split's end are copied too (and masked; their V rows are zeroed after the
+    // wait).
+    auto issue_tile = [&](int start, int stage) {
+        if (stream_lane != 0) return;
+        unsigned long long* bar = &s.bar[stream][stage];
+        int token = start, slot = b;
+        if (p.page_table != nullptr) {
+            slot = p.page_table[(i64)b * p.page_table_stride + (start >> p.page_shift)];
+            token = start & ((1 << p.page_shift) - 1);
+        }
+        // Orders this stage's earlier generic reads (ldmatrix) and writes before the async-proxy copies.
+        fence_proxy_async_shared();
+        // Whole boxes count, out-of-bounds bytes included.
+        mbar_arrive_expect_tx(bar, 2 * T::TILE_BYTES);
+        const unsigned dst = ring_base + stage * (unsigned)sizeof(typename Shared::Ring);
+        tensor_copy_5d_g2s(dst, &p.k_map, 0, token, 0, hkv, slot, bar);
+        tensor_copy_5d_g2s(dst + T::TILE_BYTES, &p.v_map, 0, token, 0, hkv, slot, bar);
+    };
+    // q of the rows, bf16: this thread copies row tid % 16 (one division), vectors tid / 16 + k THREADS / 16;
+    // rows past rows_total are zero (their source, row0's, only needs to be a valid address).
+    static_assert(VECS % (T::THREADS / 16) == 0, "q: whole passes of THREADS / 16 vectors per row");
+    const int q_r = tid & 15;
+    const bool q_valid = q_r < rows;
+    const bf16_t* q_src;
+    {
+        const int rr = row0 + (q_valid ? q_r : 0);
+        const int t = rr / p.group;
+        const int hq = hkv * p.group + rr - t * p.group;
+        q_src = p.q + (i64)b * p.q_stride_batch + (i64)t * p.q_stride_token + (i64)hq * p.q_stride_head;
+    }
+
     // Launched with programmatic dependent launch: nothing is read before this wait.
     pdl_wait();
-    // q of the rows (row = token * group + head_in_group), bf16; rows past rows_total are zero. Fetched
-    // while the sequence length is read.
-    for (int i = tid; i < 16 * VECS; i += T::THREADS) {
-        const int r = i / VECS, vec = i % VECS;
-        const bool valid = r < rows;
-        const int t = valid ? (row0 + r) / p.group : 0;
-        const int hq = hkv * p.group + (valid ? (row0 + r) % p.group : 0);
-        cp_async_16(&s.q[r][vec * 8],
-                    p.q + (i64)b * p.q_stride_batch + (i64)t * p.q_stride_token + (i64)hq * p.q_stride_head + vec * 8,
-                    valid);
+    const int seq_len = p.seq_lens[b];
+    // Without a window the split's keys start at split * chunk_keys whatever the length, so the stream's
+    // first S - 1 tiles are issued while the length is read: [0, issued), those that start in the split and
+    // below max_len (every tile the stream can have does). Those at or past my_tiles, known once the length
+    // is, lie past the sequence: they are only waited for, so that no copy into the rings is outstanding
+    // when the CTA exits or the rings become Merge.
+    int issued = 0;
+    if (p.window <= 0) {
+        const int base = split * p.chunk_keys;
+        const int limit = min(base + p.chunk_keys, p.max_len);
+#pragma unroll
+        for (int i = 0; i < S - 1; ++i) {
+            const int start = base + (stream + i * T::STREAMS) * T::N;
+            if (start < limit) {
+                issue_tile(start, i);
+                issued = i + 1;
+            }
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < VECS / (T::THREADS / 16); ++k) {
+        const int vec = (tid >> 4) + k * (T::THREADS / 16);
+        cp_async_16(&s.q[q_r][vec * 8], q_src + vec * 8, q_valid);
     }
     cp_async_commit();
 
-    const int len = min(max(p.seq_lens[b], 0), p.max_len);
+    const int len = min(max(seq_len, 0), p.max_len);
     // The first key any row sees, and the start of the sequence's tiles: that key rounded down to a
     // multiple of N, so that a tile lies in one page. The keys before `first` in the first tile are masked
     // like any invisible key (and their V rows zeroed: they may hold anything). ops::attention sizes the
@@ -268,39 +346,25 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
                            make_uint4(0, 0, 0, 0));
             }
         }
+        if (stream_lane == 0)
+            for (int i = 0; i < issued; ++i) mbar_wait(&s.bar[stream][i], 0u);
         return;
     }
-    __syncthreads();  // barriers initialised
 
     const int num_tiles = (end - begin + T::N - 1) / T::N;
     const int my_tiles = num_tiles > stream ? (num_tiles - stream + T::STREAMS - 1) / T::STREAMS : 0;
-    // Shared-window address of the stream's ring: stage st holds K at + st * sizeof(Ring), V TILE_BYTES on.
-    const unsigned ring_base = shared_address(&s.u.ring[stream][0]);
-    // The stream's i-th tile into stage `stage` of its ring, by one thread: K and V, one box each. Keys
-    // past the split's end are copied too (and masked; their V rows are zeroed after the wait).
-    auto issue_tile = [&](int i, int stage) {
-        if (stream_lane != 0) return;
-        const int start = begin + (stream + i * T::STREAMS) * T::N;
-        unsigned long long* bar = &s.bar[stream][stage];
-        int token = start, slot = b;
-        if (p.page_table != nullptr) {
-            slot = p.page_table[(i64)b * p.page_table_stride + (start >> p.page_shift)];
-            token = start & ((1 << p.page_shift) - 1);
-        }
-        // Orders this stage's earlier generic reads (ldmatrix) and writes before the async-proxy copies.
-        fence_proxy_async_shared();
-        // Whole boxes count, out-of-bounds bytes included.
-        mbar_arrive_expect_tx(bar, 2 * T::TILE_BYTES);
-        const unsigned dst = ring_base + stage * (unsigned)sizeof(typename Shared::Ring);
-        tensor_copy_5d_g2s(dst, &p.k_map, 0, token, 0, hkv, slot, bar);
-        tensor_copy_5d_g2s(dst + T::TILE_BYTES, &p.v_map, 0, token, 0, hkv, slot, bar);
-    };
+    // First key of the stream's i-th tile.
+    auto tile_start = [&](int i) { return begin + (stream + i * T::STREAMS) * T::N; };
+    // With a window the first tiles depend on the length (without one they were issued above: every tile
+    // below my_tiles lies in the split and below max_len).
+    if (p.window > 0) {
 #pragma unroll
-    for (int i = 0; i < S - 1; ++i) {
-        if (i < my_tiles) issue_tile(i, i);
+        for (int i = 0; i < S - 1; ++i) {
+            if (i < my_tiles) issue_tile(tile_start(i), i);
+        }
     }
     cp_async_wait<0>();
-    __syncthreads();  // every thread's q copies visible
+    __syncthreads();  // every thread's q copies and the barriers' initialisation visible
 
     float o[DT][4];
 #pragma unroll
@@ -326,9 +390,16 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
     const unsigned k_lane_offset = tile_offset((lane & 7) + (lane >> 4) * 8, (lane >> 3) & 1);
     const unsigned v_lane_offset = tile_offset((lane & 7) + ((lane >> 3) & 1) * 8, slice * (T::DO / 8) + (lane >> 4));
 
+    // Tiles issued ahead that lie past the stream's last (none with one stream and S = 2: a split with keys
+    // gives its only stream at least the one tile issued ahead).
+    if constexpr (T::STREAMS > 1 || S > 2) {
+        if (stream_lane == 0)
+            for (int i = my_tiles; i < issued; ++i) mbar_wait(&s.bar[stream][i], 0u);
+    }
+
     for (int i = 0; i < my_tiles; ++i) {
         const int stage = i % S;
-        const int start = begin + (stream + i * T::STREAMS) * T::N;
+        const int start = tile_start(i);
         typename Shared::Ring& ring = s.u.ring[stream][stage];
         // This lane's ldmatrix row of the tile's K and V at unit offset 0 (see swizzled_step).
         const unsigned k_lane = ring_base + stage * (unsigned)sizeof(typename Shared::Ring) + k_lane_offset;
@@ -350,7 +421,7 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
         }
         // Publishes the zeroed rows and (every thread having finished tile i - 1) frees that tile's stage.
         stream_sync();
-        if (i + S - 1 < my_tiles) issue_tile(i + S - 1, (i + S - 1) % S);
+        if (i + S - 1 < my_tiles) issue_tile(tile_start(i + S - 1), (i + S - 1) % S);
 
         // S = Q K^T for the 16 rows and the tile's 16 keys.
         float sc[2][4];
@@ -440,71 +511,121 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
     }
     // The combine (when there are splits) may now be scheduled; it waits for this grid to finish.
     pdl_launch_dependents();
-    // Every issued tile was waited for; every warp must be done with its ring before it becomes Merge.
-    __syncthreads();
 
+    // The rows' sums: each lane of a quad kept its own columns' share.
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-        float l = l_row[h];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const int r = g + 8 * h;
-        if (c == 0 && slice == 0) {
-            s.u.merge.m[stream][r] = m_row[h];
-            s.u.merge.l[stream][r] = l;
-        }
-#pragma unroll
-        for (int d = 0; d < DT; ++d)
-            *reinterpret_cast<float2*>(&s.u.merge.o[stream][r][slice * T::DO + d * 8 + 2 * c]) =
-                make_float2(o[d][2 * h], o[d][2 * h + 1]);
+        l_row[h] += __shfl_xor_sync(0xffffffffu, l_row[h], 1);
+        l_row[h] += __shfl_xor_sync(0xffffffffu, l_row[h], 2);
     }
-    __syncthreads();
-
     // out = sum_w O_w 2^(m_w - M) / sum_w l_w 2^(m_w - M) over the streams w, M = max_w m_w (log2 units);
-    // one thread per (row, 8 dims).
-    for (int i = tid; i < rows * VECS; i += T::THREADS) {
-        const int r = i / VECS, vec = i % VECS;
-        float mx = neg_inf();
+    // lse = ln(2) (M + log2 l). Each lane writes its fragment's rows g and g + 8 straight from registers.
+    // The rows' token t and query head hq are derived from the block index again, through opaque copies of
+    // the divisors: the compiler would otherwise keep the prologue's quotients live through the tile loop,
+    // which at D = 512 takes every register. lane_row + 8 h is row g + 8 h of the (sequence, KV head).
+    int group = p.group, row_chunks = p.row_chunks;
+    asm volatile("" : "+r"(group), "+r"(row_chunks));
+    const int lane_row = (int)(blockIdx.x % (unsigned)row_chunks) * 16 + g;
+    if constexpr (T::STREAMS == 1) {
+        // One stream (its SLICES warps hold the same m and l): each warp writes its D / SLICES dims.
 #pragma unroll
-        for (int w = 0; w < T::STREAMS; ++w) mx = fmaxf(mx, s.u.merge.m[w][r]);
-        const float m_use = mx == neg_inf() ? 0.0f : mx;
-        float l = 0.0f, acc[8];
+        for (int h = 0; h < 2; ++h) {
+            const int r = g + 8 * h;
+            if (r >= rows) continue;
+            const float l = l_row[h];
+            const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+            const float row_lse = l > 0.0f ? (m_row[h] + __log2f(l)) * LN2 : neg_inf();
+            float v[DT][2];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
+            for (int d = 0; d < DT; ++d) {
+                v[d][0] = o[d][2 * h] * inv;
+                v[d][1] = o[d][2 * h + 1] * inv;
+            }
+            const int t = (lane_row + 8 * h) / group;
+            const int hq = hkv * group + lane_row + 8 * h - t * group;
+            decode_store_row<D, DT>(p, b, t, hq, split, slice * T::DO + 2 * c, v, row_lse,
+                                    c == 0 && slice == 0);
+        }
+    } else {
+        // Several streams, one warp each: warp w writes dims [w D / STREAMS, (w + 1) D / STREAMS), OWN n8
+        // tiles of its accumulator; it passes the other streams their dims (and its m and l) through Merge.
+        constexpr int OWN = DT / T::STREAMS;
+        static_assert(SL == 1 && DT % T::STREAMS == 0, "a stream's output dims are whole n8 tiles");
+        // Column of dim 8 d + 2c in a row of Merge.o: (d / 4) 32 + col[d % 4]. In every 32 floats the 8-float
+        // group is XORed with the row mod 4 (g mod 4 for the rows g and g + 8), so that the float2 accesses of
+        // a half warp (4 rows, 4 lanes each) fall in distinct banks.
+        int col[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) col[k] = ((k ^ (g & 3)) << 3) + 2 * c;
+        // Every tile was waited for; every warp must be done with its ring before it becomes Merge.
+        __syncthreads();
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            if (c == 0) {
+                s.u.merge.m[stream][g + 8 * h] = m_row[h];
+                s.u.merge.l[stream][g + 8 * h] = l_row[h];
+            }
+        }
 #pragma unroll
         for (int w = 0; w < T::STREAMS; ++w) {
-            const float wt = fast_exp2(s.u.merge.m[w][r] - m_use);
-            l = fmaf(s.u.merge.l[w][r], wt, l);
-            const float4 x = *reinterpret_cast<const float4*>(&s.u.merge.o[w][r][vec * 8]);
-            const float4 y = *reinterpret_cast<const float4*>(&s.u.merge.o[w][r][vec * 8 + 4]);
-            acc[0] = fmaf(x.x, wt, acc[0]);
-            acc[1] = fmaf(x.y, wt, acc[1]);
-            acc[2] = fmaf(x.z, wt, acc[2]);
-            acc[3] = fmaf(x.w, wt, acc[3]);
-            acc[4] = fmaf(y.x, wt, acc[4]);
-            acc[5] = fmaf(y.y, wt, acc[5]);
-            acc[6] = fmaf(y.z, wt, acc[6]);
-            acc[7] = fmaf(y.w, wt, acc[7]);
-        }
-        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-        // Back to natural log: lse = ln(2) * (M + log2 l).
-        const float row_lse = l > 0.0f ? (mx + __log2f(l)) * LN2 : neg_inf();
-        float out[8];
+            if (w != stream) continue;
 #pragma unroll
-        for (int e = 0; e < 8; ++e) out[e] = acc[e] * inv;
-        const int t = (row0 + r) / p.group;
-        const int hq = hkv * p.group + (row0 + r) % p.group;
-        const i64 row = ((i64)b * p.tq + t) * p.hq + hq;
-        if (p.part_o == nullptr) {
-            store_u128(p.out + (i64)b * p.out_stride_batch + (i64)t * p.out_stride_token + (i64)hq * p.out_stride_head +
-                           vec * 8,
-                       f32_to_bf16x8(out));
-            if (p.lse != nullptr && vec == 0) p.lse[row] = row_lse;
-        } else {
-            float* dst = p.part_o + (row * p.num_splits + split) * D + vec * 8;
-            *reinterpret_cast<float4*>(dst) = make_float4(out[0], out[1], out[2], out[3]);
-            *reinterpret_cast<float4*>(dst + 4) = make_float4(out[4], out[5], out[6], out[7]);
-            if (vec == 0) p.part_lse[row * p.num_splits + split] = row_lse;
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int d = 0; d < DT; ++d) {
+                    if (d / OWN == w) continue;
+                    *reinterpret_cast<float2*>(&s.u.merge.o[w][g + 8 * h][(d >> 2) * 32 + col[d & 3]]) =
+                        make_float2(o[d][2 * h], o[d][2 * h + 1]);
+                }
+        }
+        __syncthreads();
+        // The same sums as a loop over all the streams in order, with this warp's own terms from registers.
+#pragma unroll
+        for (int w = 0; w < T::STREAMS; ++w) {
+            if (w != stream) continue;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int r = g + 8 * h;
+                float mw[T::STREAMS];
+                float mx = neg_inf();
+#pragma unroll
+                for (int u = 0; u < T::STREAMS; ++u) {
+                    mw[u] = u == w ? m_row[h] : s.u.merge.m[u][r];
+                    mx = fmaxf(mx, mw[u]);
+                }
+                const float m_use = mx == neg_inf() ? 0.0f : mx;
+                float wt[T::STREAMS];
+                float l = 0.0f;
+#pragma unroll
+                for (int u = 0; u < T::STREAMS; ++u) {
+                    wt[u] = fast_exp2(mw[u] - m_use);
+                    l = fmaf(u == w ? l_row[h] : s.u.merge.l[u][r], wt[u], l);
+                }
+                const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+                const float row_lse = l > 0.0f ? (mx + __log2f(l)) * LN2 : neg_inf();
+                float v[OWN][2];
+#pragma unroll
+                for (int j = 0; j < OWN; ++j) {
+                    const int d = w * OWN + j;
+                    float a0 = 0.0f, a1 = 0.0f;
+#pragma unroll
+                    for (int u = 0; u < T::STREAMS; ++u) {
+                        const float2 x =
+                            u == w ? make_float2(o[d][2 * h], o[d][2 * h + 1])
+                                   : *reinterpret_cast<const float2*>(&s.u.merge.o[u][r][(d >> 2) * 32 + col[d & 3]]);
+                        a0 = fmaf(x.x, wt[u], a0);
+                        a1 = fmaf(x.y, wt[u], a1);
+                    }
+                    v[j][0] = a0 * inv;
+                    v[j][1] = a1 * inv;
+                }
+                if (r < rows) {
+                    const int t = (lane_row + 8 * h) / group;
+                    const int hq = hkv * group + lane_row + 8 * h - t * group;
+                    decode_store_row<D, OWN>(p, b, t, hq, split, w * OWN * 8 + 2 * c, v, row_lse,
+                                             c == 0 && w == 0);
+                }
+            }
         }
     }
 }

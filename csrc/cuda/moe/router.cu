@@ -15,15 +15,13 @@ constexpr int TOPK_WARPS = 16;
 // at once (up to hidden = 3072); blocks of 4 warps spread the rows over more SMs. grid.y is the token. With
 // TRANSFORM the input is RMSNorm-without-weight(x) * scale * H^-0.5 (Gemma 4): the factor rsqrt(mean(x^2) +
 // eps) * H^-0.5 is pulled out of the dot product, so only x * scale enters the inner loop, and the norm
-// (one block reduction) is computed while the weights are in flight. Launch bounds as the tensor-core
-// router's below (without the minimum, ptxas spilled 4 bytes on sm_100 and later).
+// comes from the warp's own loads of x (every warp reads all of it), reduced over the warp. Launch bounds
+// as the tensor-core router's below (without the minimum, ptxas spilled 4 bytes on sm_100 and later).
 // ---------------------------------------------------------------------------------------------------------
 template <bool TRANSFORM>
 __global__ void __launch_bounds__(ROUTER_WARPS * 32, 1) router_gemv_kernel(
     const bf16_t* __restrict__ x, i64 x_row_stride, const bf16_t* __restrict__ w, const bf16_t* __restrict__ scale,
     float eps, float* __restrict__ logits, i64 logits_row_stride, int tokens, int experts, int hidden) {
-    __shared__ float row_factor;
-    __shared__ float reduce_scratch[32];
     // The top-k kernel that follows (programmatic dependent launch) may be scheduled now: it waits for this
     // grid's completion before reading the logits, so only its launch latency is hidden.
     pdl_launch_dependents();
@@ -31,55 +29,47 @@ __global__ void __launch_bounds__(ROUTER_WARPS * 32, 1) router_gemv_kernel(
     const int t = blockIdx.y;
     const int num_vec = hidden >> 3;
     const bf16_t* xt = x + (i64)t * x_row_stride;
-
-    // The row's weight loads go out first; with TRANSFORM the norm of x (L2 reads and a block reduction)
-    // is computed while they are in flight, and applied to the dot product at the end.
     const int row = blockIdx.x * ROUTER_WARPS + (threadIdx.x >> 5);
-    const bool row_ok = row < experts;
-    const bf16_t* w_row = w + (i64)(row_ok ? row : 0) * hidden;
+    if (row >= experts) return;
+    const bf16_t* w_row = w + (i64)row * hidden;
+    // The row's weights, x and the scale are all loaded before the first use. Every warp reads the whole of
+    // x, so with TRANSFORM it sums x^2 from the same loads: the norm needs no block reduction.
     float acc = 0.0f, ss = 0.0f;
     for (int base = 0; base < num_vec; base += 32 * ROUTER_UNROLL) {
-        uint4 wv[ROUTER_UNROLL];
+        uint4 wv[ROUTER_UNROLL], xv[ROUTER_UNROLL], sv[TRANSFORM ? ROUTER_UNROLL : 1];
 #pragma unroll
         for (int u = 0; u < ROUTER_UNROLL; ++u) {
             const int v = base + u * 32 + lane;
-            wv[u] = row_ok && v < num_vec ? load_u128_stream(w_row + (i64)v * 8) : make_uint4(0, 0, 0, 0);
-        }
-        if (TRANSFORM && base == 0) {
-            // Every block recomputes the norm: one row of x is a few KiB from L2, cheaper than a launch.
-            for (int v = threadIdx.x; v < num_vec; v += blockDim.x) {
-                float xf[8];
-                bf16x8_to_f32(load_u128_ro(xt + (i64)v * 8), xf);
-#pragma unroll
-                for (int j = 0; j < 8; ++j) ss = fmaf(xf[j], xf[j], ss);
-            }
+            wv[u] = v < num_vec ? load_u128_stream(w_row + (i64)v * 8) : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
         for (int u = 0; u < ROUTER_UNROLL; ++u) {
             const int v = base + u * 32 + lane;
-            if (row_ok && v < num_vec) {
-                float wf[8], xf[8];
-                bf16x8_to_f32(wv[u], wf);
-                if (TRANSFORM) {
-                    float sf[8];
-                    bf16x8_to_f32(load_u128_ro(scale + (i64)v * 8), sf);
+            xv[u] = v < num_vec ? load_u128_ro(xt + (i64)v * 8) : make_uint4(0, 0, 0, 0);
+            if (TRANSFORM) sv[u] = v < num_vec ? load_u128_ro(scale + (i64)v * 8) : make_uint4(0, 0, 0, 0);
+        }
 #pragma unroll
-                    for (int j = 0; j < 8; ++j) wf[j] *= sf[j];
+        for (int u = 0; u < ROUTER_UNROLL; ++u) {
+            float wf[8], xf[8];
+            bf16x8_to_f32(wv[u], wf);
+            bf16x8_to_f32(xv[u], xf);
+            if (TRANSFORM) {
+                float sf[8];
+                bf16x8_to_f32(sv[u], sf);
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    ss = fmaf(xf[j], xf[j], ss);
+                    wf[j] *= sf[j];
                 }
-                bf16x8_to_f32(load_u128_ro(xt + (i64)v * 8), xf);
-#pragma unroll
-                for (int j = 0; j < 8; ++j) acc = fmaf(wf[j], xf[j], acc);
             }
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc = fmaf(wf[j], xf[j], acc);
         }
     }
-    if (TRANSFORM) {
-        ss = block_reduce_sum(ss, reduce_scratch);
-        if (threadIdx.x == 0) row_factor = rsqrtf(ss / (float)hidden + eps) * rsqrtf((float)hidden);
-        __syncthreads();
-    }
-    if (!row_ok) return;
     acc = warp_reduce_sum(acc);
-    if (lane == 0) logits[(i64)t * logits_row_stride + row] = acc * (TRANSFORM ? row_factor : 1.0f);
+    if (TRANSFORM) ss = warp_reduce_sum(ss);
+    const float factor = TRANSFORM ? rsqrtf(ss / (float)hidden + eps) * rsqrtf((float)hidden) : 1.0f;
+    if (lane == 0) logits[(i64)t * logits_row_stride + row] = acc * factor;
 }
 
 // ---------------------------------------------------------------------------------------------------------

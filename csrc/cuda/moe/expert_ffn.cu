@@ -6,11 +6,12 @@
 // Decode (T <= 32) runs two launches on CUDA cores. The routing stays on the GPU: a block of the gate_up
 // grid is a position p of the expert-sorted slot list and works only if p starts its expert's segment
 // (p == expert_offsets[e]), so each selected expert's gate and up rows are read once for all its tokens,
-// all experts in one launch; the other blocks exit at once. The down kernel gives each warp one output row
-// and walks the slots in expert-sorted order, fetching the routing of 32 slots at once and keeping the
-// down rows of four slots in flight together (rows of one expert repeat only for its own tokens and are
-// served by L1/L2). The gate_up blocks also bring the first rows of their experts' down weights into L2
-// for the down kernel. In the MoE block call, the dense column starts before the routing is ready, and
+// all experts in one launch; the other blocks exit at once. The down kernel gives each pair of warps one
+// output row and walks the slots in expert-sorted order, fetching the routing of 32 slots at once and
+// keeping the down rows of four slots in flight together (rows of one expert repeat only for its own
+// tokens and are served by L1/L2); a single token's row is streamed in 512-byte chunks instead
+// (down_row_single_token). The gate_up blocks also bring the first rows of their experts' down weights
+// into L2 for the down kernel. In the MoE block call, the dense column starts before the routing is ready, and
 // a single token's routing is computed inside the gate_up kernel (FusedRouting), without the top-k
 // launch. Prefill (T >= 33) runs grouped GEMMs on tensor cores and a combine (further below).
 // Either way the top-k sum is accumulated in fp32 in a fixed order (deterministic, no atomics) with a

@@ -415,8 +415,9 @@ fn validate(a: &DecodeArgs, sm_count: usize, max_q_len: i64) -> Result<Plan> {
     // Split the key range a sequence can have so that the grid fills mma_ctas_per_sm blocks per SM in one
     // wave (rounding the split count down: at B=64 a fourth split made 1.29 waves, and the 0.29 ran as a
     // tail at a fraction of the bandwidth); a split holds at least one tile per stream (so that a short
-    // context is fetched in one round trip) and whole tiles. With a window the range is the window of the first new token and the last, and starts
-    // at the first visible key rounded down to a tile (up to MMA_TILE_KEYS - 1 keys more).
+    // context is fetched in one round trip) and whole tiles. With a window the range is the window of the
+    // first new token and the last, and starts at the first visible key rounded down to a tile (up to
+    // MMA_TILE_KEYS - 1 keys more).
     let (keys, ctas_per_sm) = (mma_streams(d) * MMA_TILE_KEYS, mma_ctas_per_sm(d));
     let span = match a.window {
         Some(w) => max_len.min(w as usize + q_len - 1 + MMA_TILE_KEYS - 1),

@@ -61,13 +61,20 @@ SPK_DEVICE i64 cache_offset(const DecodeParams& p, int b, int j, int head, i64 s
     return (i64)page * s_seq + (i64)(j & ((1 << p.page_shift) - 1)) * s_tok + (i64)head * s_head;
 }
 
+// Row rg of a (sequence, KV head), rg = token * group + head_in_group: its new token t and query head hq.
+SPK_DEVICE void row_token_head(int rg, int group, int hkv, int& t, int& hq) {
+    t = rg / group;
+    hq = hkv * group + rg - t * group;
+}
+
 // Zero partial outputs of rows [row0, row0 + rows) of one (sequence, KV head) for split `split`, by all
 // threads of the block.
 SPK_DEVICE void zero_partials(const DecodeParams& p, int b, int hkv, int row0, int rows, int split, int d) {
     const int vecs = d / 4;
     for (int i = threadIdx.x; i < rows * vecs; i += blockDim.x) {
-        const int rg = row0 + i / vecs;
-        const i64 row = ((i64)b * p.tq + rg / p.group) * p.hq + hkv * p.group + rg % p.group;
+        int t, hq;
+        row_token_head(row0 + i / vecs, p.group, hkv, t, hq);
+        const i64 row = ((i64)b * p.tq + t) * p.hq + hq;
         *reinterpret_cast<float4*>(p.part_o + (row * p.num_splits + split) * d + (i % vecs) * 4) =
             make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
@@ -278,9 +285,8 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
     const bool q_valid = q_r < rows;
     const bf16_t* q_src;
     {
-        const int rr = row0 + (q_valid ? q_r : 0);
-        const int t = rr / p.group;
-        const int hq = hkv * p.group + rr - t * p.group;
+        int t, hq;
+        row_token_head(row0 + (q_valid ? q_r : 0), p.group, hkv, t, hq);
         q_src = p.q + (i64)b * p.q_stride_batch + (i64)t * p.q_stride_token + (i64)hq * p.q_stride_head;
     }
 
@@ -329,8 +335,9 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
         // lse = -inf.
         if (p.part_o != nullptr) zero_partials(p, b, hkv, row0, rows, split, D);
         for (int r = row0 + tid; r < row0 + rows; r += T::THREADS) {
-            const int hq = hkv * p.group + r % p.group;
-            const i64 row = ((i64)b * p.tq + r / p.group) * p.hq + hq;
+            int t, hq;
+            row_token_head(r, p.group, hkv, t, hq);
+            const i64 row = ((i64)b * p.tq + t) * p.hq + hq;
             if (p.part_o != nullptr) {
                 p.part_lse[row * p.num_splits + split] = neg_inf();
             } else if (p.lse != nullptr) {
@@ -339,9 +346,10 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
         }
         if (p.part_o == nullptr) {
             for (int i = tid; i < rows * VECS; i += T::THREADS) {
-                const int r = row0 + i / VECS, vec = i % VECS;
-                const int hq = hkv * p.group + r % p.group;
-                store_u128(p.out + (i64)b * p.out_stride_batch + (i64)(r / p.group) * p.out_stride_token +
+                const int vec = i % VECS;
+                int t, hq;
+                row_token_head(row0 + i / VECS, p.group, hkv, t, hq);
+                store_u128(p.out + (i64)b * p.out_stride_batch + (i64)t * p.out_stride_token +
                                (i64)hq * p.out_stride_head + vec * 8,
                            make_uint4(0, 0, 0, 0));
             }
@@ -541,8 +549,8 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
                 v[d][0] = o[d][2 * h] * inv;
                 v[d][1] = o[d][2 * h + 1] * inv;
             }
-            const int t = (lane_row + 8 * h) / group;
-            const int hq = hkv * group + lane_row + 8 * h - t * group;
+            int t, hq;
+            row_token_head(lane_row + 8 * h, group, hkv, t, hq);
             decode_store_row<D, DT>(p, b, t, hq, split, slice * T::DO + 2 * c, v, row_lse,
                                     c == 0 && slice == 0);
         }
@@ -620,8 +628,8 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
                     v[j][1] = a1 * inv;
                 }
                 if (r < rows) {
-                    const int t = (lane_row + 8 * h) / group;
-                    const int hq = hkv * group + lane_row + 8 * h - t * group;
+                    int t, hq;
+                    row_token_head(lane_row + 8 * h, group, hkv, t, hq);
                     decode_store_row<D, OWN>(p, b, t, hq, split, w * OWN * 8 + 2 * c, v, row_lse,
                                              c == 0 && w == 0);
                 }

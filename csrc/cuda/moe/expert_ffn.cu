@@ -393,8 +393,9 @@ __global__ void __launch_bounds__(DOWN_ROWS * DOWN_SPLIT * 32, SINGLE ? 4 : 3) e
             acc = down_row_single_token(n, part, top_k, hidden, down, inter, topk_ids, topk_weights, sorted_slots,
                                         h_routed, dense_down, dense_inter, h_dense, dense_gate);
     } else if (row_ok) {
-        // The items are every routed slot in sorted order, then the dense FFN per token. Lanes fetch the routing of 32 items at once, then the warp runs its items (positions
-        // part, part + DOWN_SPLIT, ... of the 32) DOWN_GROUP at a time with all their row loads in flight.
+        // The items are every routed slot in sorted order, then the dense FFN per token. Lanes fetch the
+        // routing of 32 items at once, then the warp runs its items (positions part, part + DOWN_SPLIT, ...
+        // of the 32) DOWN_GROUP at a time with all their row loads in flight.
         const int n_items = num_slots + (dense_down != nullptr ? nt : 0);
         for (int base = 0; base < n_items; base += 32) {
             const int it = base + lane;

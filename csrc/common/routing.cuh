@@ -38,26 +38,37 @@ SPK_DEVICE unsigned warp_min_u32(unsigned v) {
     return r;
 }
 
-// The selection of one token's top-k by a warp, for experts <= 32 * PER_LANE. Lane l holds the keys of
-// experts l, l + 32, ... and first sorts them (best first; equal keys keep the lower expert first: an
-// odd-even transposition network, stable because it swaps only on a strictly better key). Each round
-// then takes the warp's best head (largest key, then lower expert) with two redux.sync, and only the
-// winning lane shifts its list by one: a round is a few instructions deep, so the whole selection is
-// short enough to run in every block that needs it (the single-token expert FFN does).
+// A warp's selection of one token's top-k (select_top_k) and what scoring it needs, every lane's fields but
+// id and logit the same.
+struct Selection {
+    int id;         // lanes < top_k: the expert of selection `lane`
+    float logit;    // its logit (with `scores`)
+    float row_max;  // the row's largest logit
+    float exp_sum;  // with `scores`: the sum over every expert of exp(logit - row_max)
+};
+
+// The selection of one token's top-k by a warp, for experts <= 32 * PER_LANE.
+// Lane l holds the keys of experts l, l + 32, ... and first sorts them (best first; equal keys keep the
+// lower expert first: an odd-even transposition network, stable because it swaps only on a strictly better
+// key). Each round then takes the warp's best head (largest key, then lower expert) with two redux.sync,
+// and only the winning lane shifts its list by one: a round is a few instructions deep, so the whole
+// selection is short enough to run in every block that needs it (the single-token expert FFN does). The
+// logits stay in registers as loaded, so that with `scores` the softmax sum and the selected logits come
+// from them, with no second read of the row.
 template <int PER_LANE>
-SPK_DEVICE int select_top_k_lanes(const float* __restrict__ logits_row, int experts, int top_k,
-                                  float& row_max_out) {
+SPK_DEVICE Selection select_top_k_lanes(const float* __restrict__ logits_row, int experts, int top_k, bool scores) {
     const int lane = threadIdx.x & 31;
     unsigned key[PER_LANE];
     int id[PER_LANE];
+    float logit[PER_LANE];
     float row_max = NEG_INF;
 #pragma unroll
     for (int i = 0; i < PER_LANE; ++i) {
         const int e = i * 32 + lane;
-        const float l = e < experts ? logits_row[e] : NEG_INF;
-        key[i] = e < experts ? logit_key(l) : 0u;
+        logit[i] = e < experts ? logits_row[e] : NEG_INF;
+        key[i] = e < experts ? logit_key(logit[i]) : 0u;
         id[i] = e;
-        row_max = fmaxf(row_max, l);
+        row_max = fmaxf(row_max, logit[i]);
     }
 #pragma unroll
     for (int pass = 0; pass < PER_LANE; ++pass) {
@@ -73,7 +84,8 @@ SPK_DEVICE int select_top_k_lanes(const float* __restrict__ logits_row, int expe
             }
         }
     }
-    int my_id = 0;
+    Selection sel;
+    sel.id = 0;
     for (int j = 0; j < top_k; ++j) {
         const unsigned top = warp_max_u32(key[0]);
         const int win = (int)warp_min_u32(key[0] == top ? (unsigned)id[0] : 0xffffffffu);
@@ -86,58 +98,65 @@ SPK_DEVICE int select_top_k_lanes(const float* __restrict__ logits_row, int expe
             key[PER_LANE - 1] = 0u;  // absent: every expert's key is above 0
             id[PER_LANE - 1] = -1;
         }
-        if (lane == j) my_id = win;
+        if (lane == j) sel.id = win;
     }
-    row_max_out = warp_reduce_max(row_max);
-    return my_id;
+    sel.row_max = warp_reduce_max(row_max);
+    sel.logit = 0.0f;
+    sel.exp_sum = 0.0f;
+    if (scores) {
+        // Expert e's logit is logit[e / 32] of lane e % 32.
+#pragma unroll
+        for (int i = 0; i < PER_LANE; ++i) {
+            const float v = __shfl_sync(0xffffffffu, logit[i], sel.id & 31);
+            if (i == sel.id >> 5) sel.logit = v;
+        }
+        float sum = 0.0f;
+#pragma unroll
+        for (int i = 0; i < PER_LANE; ++i) {
+            if (i * 32 + lane < experts) sum += expf(logit[i] - sel.row_max);
+        }
+        sel.exp_sum = warp_reduce_sum(sum);
+    }
+    return sel;
 }
 
-// Returns the expert of selection `lane` in lanes < top_k (NaN ranks as -inf, -0 below +0, ties to the
-// lower expert), and the row's largest logit in row_max (every lane), for experts <= 32 * MAX_PER_LANE
-// (a smaller bound keeps the registers of a kernel that cannot afford 16 keys per lane). With
-// expert_scale, the vector is brought into L1 for route_scores.
+// The selection of one token (NaN ranks as -inf, -0 below +0, ties to the lower expert), for experts <= 32
+// * MAX_PER_LANE (a smaller bound keeps the registers of a kernel that cannot afford 16 keys per lane);
+// `scores`: route_scores will follow. With expert_scale, the vector is brought into L1 for route_scores.
 template <int MAX_PER_LANE = TOPK_PER_LANE>
-SPK_DEVICE int select_top_k(const float* __restrict__ logits_row, int experts, int top_k,
-                            const float* __restrict__ expert_scale, float& row_max_out) {
+SPK_DEVICE Selection select_top_k(const float* __restrict__ logits_row, int experts, int top_k, bool scores,
+                                  const float* __restrict__ expert_scale) {
     const int lane = threadIdx.x & 31;
     if (expert_scale != nullptr) {
         // Its selected entries are read after the selection: bring the vector into L1 meanwhile.
         for (int e = lane * 32; e < experts; e += 32 * 32)
             asm volatile("prefetch.global.L1 [%0];" ::"l"(expert_scale + e));
     }
-    if (experts <= 32) return select_top_k_lanes<1>(logits_row, experts, top_k, row_max_out);
-    if (experts <= 64) return select_top_k_lanes<2>(logits_row, experts, top_k, row_max_out);
-    if (experts <= 128) return select_top_k_lanes<4>(logits_row, experts, top_k, row_max_out);
-    if (MAX_PER_LANE <= 8 || experts <= 256) return select_top_k_lanes<8>(logits_row, experts, top_k, row_max_out);
-    return select_top_k_lanes<MAX_PER_LANE>(logits_row, experts, top_k, row_max_out);
+    if (experts <= 32) return select_top_k_lanes<1>(logits_row, experts, top_k, scores);
+    if (experts <= 64) return select_top_k_lanes<2>(logits_row, experts, top_k, scores);
+    if (experts <= 128) return select_top_k_lanes<4>(logits_row, experts, top_k, scores);
+    if (MAX_PER_LANE <= 8 || experts <= 256) return select_top_k_lanes<8>(logits_row, experts, top_k, scores);
+    return select_top_k_lanes<MAX_PER_LANE>(logits_row, experts, top_k, scores);
 }
 
-// Scores of the selection from select_top_k (softmax over every expert or sigmoid, then renormalisation
-// and the per-expert scale), written with the ids to ids_row / weights_row by lanes < top_k.
-SPK_DEVICE void route_scores(const float* __restrict__ logits_row, int experts, int top_k, int scoring,
-                             bool renormalize, const float* __restrict__ expert_scale, int my_id, float row_max,
-                             int* __restrict__ ids_row, float* __restrict__ weights_row) {
+// Scores of a selection made with `scores` (softmax over every expert or sigmoid, then renormalisation and
+// the per-expert scale), written with the ids to ids_row / weights_row by lanes < top_k.
+SPK_DEVICE void route_scores(const Selection& sel, int top_k, int scoring, bool renormalize,
+                             const float* __restrict__ expert_scale, int* __restrict__ ids_row,
+                             float* __restrict__ weights_row) {
     const int lane = threadIdx.x & 31;
     float score = 0.0f;
-    if (scoring == SCORING_SOFTMAX) {
-        float sum = 0.0f;
-#pragma unroll
-        for (int i = 0; i < TOPK_PER_LANE; ++i) {
-            const int e = i * 32 + lane;
-            if (e < experts) sum += expf(logits_row[e] - row_max);
-        }
-        sum = warp_reduce_sum(sum);
-        if (lane < top_k) score = expf(logits_row[my_id] - row_max) / sum;
-    } else if (lane < top_k) {
-        score = 1.0f / (1.0f + expf(-logits_row[my_id]));
+    if (lane < top_k) {
+        score = scoring == SCORING_SOFTMAX ? expf(sel.logit - sel.row_max) / sel.exp_sum
+                                           : 1.0f / (1.0f + expf(-sel.logit));
     }
     if (renormalize) {
         const float total = warp_reduce_sum(lane < top_k ? score : 0.0f);
         score = score / total;
     }
     if (lane < top_k) {
-        if (expert_scale != nullptr) score *= expert_scale[my_id];
-        ids_row[lane] = my_id;
+        if (expert_scale != nullptr) score *= expert_scale[sel.id];
+        ids_row[lane] = sel.id;
         weights_row[lane] = score;
     }
 }
@@ -146,11 +165,9 @@ SPK_DEVICE void route_scores(const float* __restrict__ logits_row, int experts, 
 SPK_DEVICE int route_token(const float* __restrict__ logits_row, int experts, int top_k, int scoring,
                            bool renormalize, const float* __restrict__ expert_scale, int* __restrict__ ids_row,
                            float* __restrict__ weights_row) {
-    float row_max;
-    const int my_id = select_top_k(logits_row, experts, top_k, expert_scale, row_max);
-    route_scores(logits_row, experts, top_k, scoring, renormalize, expert_scale, my_id, row_max, ids_row,
-                 weights_row);
-    return my_id;
+    const Selection sel = select_top_k(logits_row, experts, top_k, true, expert_scale);
+    route_scores(sel, top_k, scoring, renormalize, expert_scale, ids_row, weights_row);
+    return sel.id;
 }
 
 // Expert index of a single block's few slots (the top-k kernel's decode launch: at most 256), from the

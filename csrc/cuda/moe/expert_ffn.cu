@@ -150,9 +150,9 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, MT == 1 ? 8 : 1) expert_gate_u
     const int row_tiles = (inter + FFN_WARPS - 1) / FFN_WARPS;
     if (!dense_block && (int)blockIdx.y >= row_tiles) return;
     // Launched with programmatic dependent launch: the routing is written by the kernel before this one.
-    // With early_dense (the MoE block call, whose x was complete before the router's plain launch and whose
-    // workspace no earlier kernel still reads) the dense column reads only x and weights, so it starts
-    // while the routing is still being computed.
+    // With early_dense (the MoE block call, whose router lets this launch start only after its own wait, so
+    // that x is complete and no earlier kernel still reads the workspace) the dense column reads only x and
+    // weights, so it starts while the routing is still being computed.
     if (!(dense_block && early_dense)) pdl_wait();
     pdl_launch_dependents();
     const int warp = threadIdx.x >> 5;
@@ -172,20 +172,19 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, MT == 1 ? 8 : 1) expert_gate_u
             __shared__ int sh_pick[2];
             const bool writer = blockIdx.x == 0 && blockIdx.y == 0;
             if (warp == 0) {
-                float row_max;
                 const float* scale = writer ? route.expert_scale : nullptr;
-                const int my_id =
-                    select_top_k<FUSED_ROUTING_PER_LANE>(route.logits, route.experts, top_k, scale, row_max);
+                const Selection sel =
+                    select_top_k<FUSED_ROUTING_PER_LANE>(route.logits, route.experts, top_k, writer, scale);
                 int pe, ps;
-                sorted_position(my_id, top_k, p, pe, ps);
+                sorted_position(sel.id, top_k, p, pe, ps);
                 if (lane == 0) {
                     sh_pick[0] = pe;
                     sh_pick[1] = ps;
                 }
                 if (writer) {
-                    route_scores(route.logits, route.experts, top_k, route.scoring, route.renormalize != 0, scale,
-                                 my_id, row_max, topk_ids, route.topk_weights);
-                    if (lane < top_k) sh_ids[lane] = my_id;
+                    route_scores(sel, top_k, route.scoring, route.renormalize != 0, scale, topk_ids,
+                                 route.topk_weights);
+                    if (lane < top_k) sh_ids[lane] = sel.id;
                 }
             }
             __syncthreads();

@@ -21,17 +21,23 @@ constexpr int TOPK_WARPS = 16;
 template <bool TRANSFORM>
 __global__ void __launch_bounds__(ROUTER_WARPS * 32, 1) router_gemv_kernel(
     const bf16_t* __restrict__ x, i64 x_row_stride, const bf16_t* __restrict__ w, const bf16_t* __restrict__ scale,
-    float eps, float* __restrict__ logits, i64 logits_row_stride, int tokens, int experts, int hidden) {
-    // The top-k kernel that follows (programmatic dependent launch) may be scheduled now: it waits for this
-    // grid's completion before reading the logits, so only its launch latency is hidden.
-    pdl_launch_dependents();
+    float eps, float* __restrict__ logits, i64 logits_row_stride, int tokens, int experts, int hidden,
+    int trigger_first) {
     const int lane = threadIdx.x & 31;
     const int t = blockIdx.y;
     const int num_vec = hidden >> 3;
     const bf16_t* xt = x + (i64)t * x_row_stride;
     const int row = blockIdx.x * ROUTER_WARPS + (threadIdx.x >> 5);
+    const bf16_t* w_row = w + (i64)(row < experts ? row : 0) * hidden;
+    // Launched with programmatic dependent launch: the row comes into L2 while the kernel before finishes.
+    // The next kernel waits for this grid's completion before it reads the logits, so it may be scheduled
+    // at once (trigger_first: the router op); the MoE block's gate/up kernel, whose dense column starts
+    // without waiting, is let in only once the kernel before this one is complete.
+    if (row < experts) prefetch_l2_lines(w_row, (i64)hidden * 2, lane, 32);
+    if (trigger_first) pdl_launch_dependents();
+    pdl_wait();
+    if (!trigger_first) pdl_launch_dependents();
     if (row >= experts) return;
-    const bf16_t* w_row = w + (i64)row * hidden;
     // The row's weights, x and the scale are all loaded before the first use. Every warp reads the whole of
     // x, so with TRANSFORM it sums x^2 from the same loads: the norm needs no block reduction.
     float acc = 0.0f, ss = 0.0f;
@@ -129,12 +135,16 @@ __global__ void __launch_bounds__(ROUTER_MMA_WARPS * 32, 1) router_mma_kernel(
     constexpr int ROWS = 16 * MT;
     __shared__ float part[ROUTER_MMA_WARPS][ROWS][17];
     __shared__ float part_ss[ROUTER_MMA_WARPS][ROWS];
-    // As the CUDA-core router: the top-k launch may be scheduled now; it waits for this grid to finish.
-    pdl_launch_dependents();
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int g = lane >> 2, c = lane & 3;
     const int e0 = blockIdx.x * 16, t0 = blockIdx.y * ROWS;
+    // The block's weight rows into L2 before the wait (when launched with programmatic dependent launch: the
+    // router op; the MoE block launches it in stream order). The top-k launch may be scheduled at once: it
+    // waits for this grid to finish.
+    prefetch_l2_lines(w + (i64)e0 * hidden, (i64)(min(experts - e0, 16) * hidden) * 2, threadIdx.x, blockDim.x);
+    pdl_launch_dependents();
+    pdl_wait();
     // Token rows t0 + 8 j + g (j = 2m for row g of tile m, 2m + 1 for row g + 8), expert rows e0 + g, + 8.
     bool x_ok[2 * MT];
     const bf16_t* x_row[2 * MT];

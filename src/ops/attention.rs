@@ -42,7 +42,8 @@ pub const MIN_PAGE_SIZE: i64 = 16;
 pub const MAX_PAGE_SIZE: i64 = 256;
 /// Largest max_seq_len (2^28 tokens).
 pub const MAX_SEQ_LEN: i64 = 1 << 28;
-/// Most KV splits of one (sequence, KV head): bounds the workspace and the combine's loop.
+/// Most KV splits of one (sequence, KV head): bounds the workspace; the combine holds one split per thread
+/// (COMBINE_MAX_SPLITS).
 pub const MAX_SPLITS: usize = 256;
 /// Threads per CTA of the prefill kernel (PREFILL_THREADS).
 const PREFILL_THREADS: u32 = 128;

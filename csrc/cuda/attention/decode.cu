@@ -641,63 +641,72 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
 // Merges the splits of one output row: out = sum_s w_s o_s / sum_s w_s with w_s = exp(lse_s - max lse).
 // Splits with lse = -inf (no visible key; the decode kernels write their partial output as zeros) get
 // weight 0; a row with no split left gets zeros and lse = -inf. Block (row = blockIdx.x, chunk of
-// COMBINE_LANES vectors of 8 dims = blockIdx.y): the other COMBINE_THREADS / COMBINE_LANES threads of the
-// chunk take every SLICES-th split, so a row's splits are read by many threads at once (the split loop
-// is the latency chain of this kernel), then the slices are summed by warp shuffles and shared memory.
+// COMBINE_LANES vectors of 8 dims = blockIdx.y). The chain is short: every load is issued at once (thread
+// i's lse is split i's, and each thread's partial outputs are of every SLICES-th split for one vector);
+// the block's max lse and the weights follow from two block reductions, so that the sum over the splits is
+// a plain weighted sum (no rescaling between threads); then the slices are summed by warp shuffles and
+// shared memory, in a fixed order.
 // Launched with programmatic dependent launch after the decode kernel: nothing is read before pdl_wait().
+// It lets the next kernel's blocks be scheduled at once (that kernel waits for this grid's completion
+// before it touches memory), so that their launch and prologue overlap the merge.
 constexpr int COMBINE_THREADS = 256;
 constexpr int COMBINE_LANES = 4;
+constexpr int COMBINE_MAX_SPLITS = 256;  // ops::attention::MAX_SPLITS
 
 template <int D> __global__ void __launch_bounds__(COMBINE_THREADS) attention_combine_kernel(const DecodeParams p) {
     constexpr int LANES = COMBINE_LANES;
     constexpr int SLICES = COMBINE_THREADS / LANES;
     constexpr int WARPS = COMBINE_THREADS / 32;
+    constexpr int BATCH = COMBINE_MAX_SPLITS / SLICES;
     static_assert(D / 8 % LANES == 0, "head dim chunks");
-    __shared__ float warp_m[WARPS][LANES];
-    __shared__ float part[WARPS][LANES][9];  // 8 sums and the weight total per warp
+    static_assert(COMBINE_MAX_SPLITS == COMBINE_THREADS, "one split's lse per thread");
+    __shared__ float weight[COMBINE_MAX_SPLITS];
+    __shared__ float warp_max[WARPS], warp_sum[WARPS];
+    __shared__ float part[WARPS][LANES][8];
+    pdl_launch_dependents();
     pdl_wait();
     const i64 row = blockIdx.x;
     const int hq = (int)(row % p.hq);
     const int t = (int)((row / p.hq) % p.tq);
     const int b = (int)(row / ((i64)p.hq * p.tq));
-    const float* lse_s = p.part_lse + row * p.num_splits;
+    const int splits = p.num_splits;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-
     const int lane_v = tid % LANES;
     const int slice = tid / LANES;
     const int vec = blockIdx.y * LANES + lane_v;
-    // Each thread merges its splits online: m is its running max lse, acc[0..7] the sums of o_s e^(lse_s - m),
-    // acc[8] the sum of e^(lse_s - m). The lse and the outputs of BATCH splits are loaded together (one
-    // round trip per batch, no separate pass for the max); past the last split the row's split 0 is read
-    // instead and weighted 0.
-    float m = neg_inf();
-    float acc[9];
+
+    const float my_lse = tid < splits ? p.part_lse[row * splits + tid] : neg_inf();
+    float4 va[BATCH], vb[BATCH];
 #pragma unroll
-    for (int e = 0; e < 9; ++e) acc[e] = 0.0f;
-    constexpr int BATCH = 4;
-    for (int s0 = slice; s0 < p.num_splits; s0 += BATCH * SLICES) {
-        float ls[BATCH];
-        float4 va[BATCH], vb[BATCH];
-#pragma unroll
-        for (int k = 0; k < BATCH; ++k) {
-            const int s = s0 + k * SLICES;
-            const bool in = s < p.num_splits;
-            ls[k] = in ? lse_s[s] : neg_inf();
-            const float* src = p.part_o + (row * p.num_splits + (in ? s : 0)) * D + vec * 8;
+    for (int k = 0; k < BATCH; ++k) {
+        const int s = slice + k * SLICES;
+        va[k] = vb[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (s < splits) {
+            const float* src = p.part_o + (row * splits + s) * D + vec * 8;
             va[k] = *reinterpret_cast<const float4*>(src);
             vb[k] = *reinterpret_cast<const float4*>(src + 4);
         }
-        float m_new = m;
+    }
+    // The row's max lse, then the weights (0 for an empty split, and for every split of an empty row).
+    float mx = warp_reduce_max(my_lse);
+    if (lane == 0) warp_max[warp] = mx;
+    __syncthreads();
+    mx = warp_max[0];
 #pragma unroll
-        for (int k = 0; k < BATCH; ++k) m_new = fmaxf(m_new, ls[k]);
-        if (m_new == neg_inf()) continue;  // nothing visible yet
-        const float rescale = expf(m - m_new);  // 0 while m = -inf
+    for (int w = 1; w < WARPS; ++w) mx = fmaxf(mx, warp_max[w]);
+    const float e = mx == neg_inf() ? 0.0f : expf(my_lse - mx);
+    weight[tid] = e;
+    const float e_sum = warp_reduce_sum(e);
+    if (lane == 0) warp_sum[warp] = e_sum;
+    __syncthreads();
+    float acc[8];
 #pragma unroll
-        for (int e = 0; e < 9; ++e) acc[e] *= rescale;
-        m = m_new;
+    for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
 #pragma unroll
-        for (int k = 0; k < BATCH; ++k) {
-            const float w = expf(ls[k] - m);  // 0 for an empty split (lse = -inf)
+    for (int k = 0; k < BATCH; ++k) {
+        const int s = slice + k * SLICES;
+        if (s < splits) {
+            const float w = weight[s];
             acc[0] = fmaf(w, va[k].x, acc[0]);
             acc[1] = fmaf(w, va[k].y, acc[1]);
             acc[2] = fmaf(w, va[k].z, acc[2]);
@@ -706,41 +715,30 @@ template <int D> __global__ void __launch_bounds__(COMBINE_THREADS) attention_co
             acc[5] = fmaf(w, vb[k].y, acc[5]);
             acc[6] = fmaf(w, vb[k].z, acc[6]);
             acc[7] = fmaf(w, vb[k].w, acc[7]);
-            acc[8] += w;
         }
     }
-    // Merges (m, acc) of two threads into this one's.
-    auto merge = [&](float m_o, const float (&acc_o)[9]) {
-        const float m_new = fmaxf(m, m_o);
-        if (m_new == neg_inf()) return;
-        const float a = expf(m - m_new), b_o = expf(m_o - m_new);
-#pragma unroll
-        for (int e = 0; e < 9; ++e) acc[e] = acc[e] * a + acc_o[e] * b_o;
-        m = m_new;
-    };
     // The warp's slices (lanes with the same lane_v), then the warps'.
 #pragma unroll
-    for (int off = LANES; off < 32; off <<= 1) {
-        float acc_o[9];
-        const float m_o = __shfl_xor_sync(0xffffffffu, m, off);
+    for (int off = LANES; off < 32; off <<= 1)
 #pragma unroll
-        for (int e = 0; e < 9; ++e) acc_o[e] = __shfl_xor_sync(0xffffffffu, acc[e], off);
-        merge(m_o, acc_o);
-    }
-    if (lane < LANES) {
-        warp_m[warp][lane] = m;
+        for (int j = 0; j < 8; ++j) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], off);
+    if (lane < LANES)
 #pragma unroll
-        for (int e = 0; e < 9; ++e) part[warp][lane][e] = acc[e];
-    }
+        for (int j = 0; j < 8; ++j) part[warp][lane][j] = acc[j];
     __syncthreads();
     if (tid >= LANES) return;
-    for (int w = 1; w < WARPS; ++w) merge(warp_m[w][lane_v], part[w][lane_v]);
-    const float mx = m;
-    const float total = acc[8];
+    float total = 0.0f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) total += warp_sum[w];
     const float inv = total > 0.0f ? 1.0f / total : 0.0f;
     float o[8];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) o[e] = acc[e] * inv;
+    for (int j = 0; j < 8; ++j) {
+        float sum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) sum += part[w][lane_v][j];
+        o[j] = sum * inv;
+    }
     store_u128(p.out + (i64)b * p.out_stride_batch + (i64)t * p.out_stride_token + (i64)hq * p.out_stride_head + vec * 8,
                f32_to_bf16x8(o));
     if (p.lse != nullptr && vec == 0) p.lse[row] = total > 0.0f ? mx + logf(total) : neg_inf();

@@ -82,12 +82,14 @@ SPK_DEVICE void prefetch_tensor_map(const TensorMap* map) {
 }
 
 // The box at coordinates (c0, ..., c4) (innermost first, in elements) of a 5-d tensor map into shared memory
-// at `dst_shared` (a shared-window address, see shared_address), completing on `bar`.
+// at `dst_shared` (a shared-window address, see shared_address), completing on `bar`, with an L2 access
+// policy (l2_evict_first_policy for data streamed once, so that it does not push out what later kernels
+// read, such as the split partials of decode attention).
 SPK_DEVICE void tensor_copy_5d_g2s(unsigned dst_shared, const TensorMap* map, int c0, int c1, int c2, int c3, int c4,
-                                   unsigned long long* bar) {
+                                   unsigned long long* bar, unsigned long long policy) {
     asm volatile(
-        "cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5, "
-        "%6}], [%7];" ::"r"(dst_shared),
-        "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4), "r"(shared_address(bar))
+        "cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%2, "
+        "%3, %4, %5, %6}], [%7], %8;" ::"r"(dst_shared),
+        "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4), "r"(shared_address(bar)), "l"(policy)
         : "memory");
 }

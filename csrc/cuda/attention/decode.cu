@@ -93,7 +93,8 @@ SPK_DEVICE void zero_partials(const DecodeParams& p, int b, int hkv, int row0, i
 // The kernel is bound by instruction issue unless the per-tile work is small (a few warps per SM stream
 // the whole cache), so a tile costs few instructions: its 16 K rows and its 16 V rows arrive by one
 // tensor-map copy each (cp.async.bulk.tensor, issued by one thread, completing on the stage's mbarrier:
-// two TMA requests per tile, where one per row left the TMA unit's request rate as the limit); whole tiles
+// two TMA requests per tile, where one per row left the TMA unit's request rate as the limit; evict-first in
+// L2, so that the cache streamed once does not push out the partial outputs the combine reads); whole tiles
 // inside every row's visible range skip the per-element mask; the accumulator is rescaled only when a
 // row's running max moved; exponentials are ex2.approx on log2-scaled scores.
 // Per tile, as in prefill: S = Q K^T (the rows padded to M = 16, Q from shared memory by ldmatrix) and
@@ -275,8 +276,9 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
         // Whole boxes count, out-of-bounds bytes included.
         mbar_arrive_expect_tx(bar, 2 * T::TILE_BYTES);
         const unsigned dst = ring_base + stage * (unsigned)sizeof(typename Shared::Ring);
-        tensor_copy_5d_g2s(dst, &p.k_map, 0, token, 0, hkv, slot, bar);
-        tensor_copy_5d_g2s(dst + T::TILE_BYTES, &p.v_map, 0, token, 0, hkv, slot, bar);
+        const unsigned long long policy = l2_evict_first_policy();
+        tensor_copy_5d_g2s(dst, &p.k_map, 0, token, 0, hkv, slot, bar, policy);
+        tensor_copy_5d_g2s(dst + T::TILE_BYTES, &p.v_map, 0, token, 0, hkv, slot, bar, policy);
     };
     // q of the rows, bf16: this thread copies row tid % 16 (one division), vectors tid / 16 + k THREADS / 16;
     // rows past rows_total are zero (their source, row0's, only needs to be a valid address).

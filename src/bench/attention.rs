@@ -81,8 +81,10 @@ fn decode_row(b: &mut Bench, c: &Config) -> Result<Row> {
     let visible: usize = c.lens.iter().map(|&l| c.window.map_or(l as usize, |w| (l as usize).min(w))).sum();
     let act_bytes = batch * c.q_len * c.hq * d * 2;
     let bytes = visible * hkv * d * 2 * 2 + 2 * act_bytes;
-    let set_bytes = 2 * cache_elems * 2 + 2 * act_bytes;
-    let copies = copies_for(b.device, set_bytes);
+    // Copies enough that the bytes a launch reads (a window's keys, not the whole cache) exceed twice the
+    // L2 over the rotation: sized by the whole cache, the windowed row rotated two copies and read its
+    // window from L2.
+    let copies = copies_for(b.device, bytes);
     let k = Rotating::from_bytes(b.device, &filler(cache_elems, &mut b.rng), copies)?;
     let v = Rotating::from_bytes(b.device, &filler(cache_elems, &mut b.rng), copies)?;
     let q = Rotating::bf16(b.device, batch * c.q_len * c.hq * d, copies, &mut b.rng)?;

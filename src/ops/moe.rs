@@ -47,6 +47,8 @@ const ROUTER_WARPS: usize = 4;
 const ROUTER_MMA_WARPS: usize = 8;
 const TOPK_WARPS: usize = 16;
 const FFN_WARPS: usize = 4;
+/// Intermediate rows per warp of a routed gate/up block with one token per tile (GATE_UP_ROUTED_ROWS_T1).
+const GATE_UP_ROUTED_ROWS_T1: usize = 2;
 /// Output rows per block and warps per output row of the down kernel (DOWN_ROWS, DOWN_SPLIT).
 const DOWN_ROWS: usize = 4;
 const DOWN_SPLIT: usize = 2;
@@ -896,7 +898,10 @@ unsafe fn launch_ffn(
             route
         ];
         let grid_x = num_slots + usize::from(c.dense.is_some());
-        let grid_y = r_inter.max(d_inter).div_ceil(FFN_WARPS);
+        // Rows of a block: FFN_WARPS dense, FFN_WARPS * GATE_UP_ROUTED_ROWS_T1 routed with one token per
+        // tile (see expert_gate_up_kernel).
+        let routed_rows = if mt == 1 { GATE_UP_ROUTED_ROWS_T1 } else { 1 };
+        let grid_y = r_inter.div_ceil(FFN_WARPS * routed_rows).max(d_inter.div_ceil(FFN_WARPS));
         let block = ((FFN_WARPS * 32) as u32, 1, 1);
         device.launch_dependent(&kernel, (grid_x as u32, grid_y as u32, 1), block, 0, stream.raw(), &mut args)?;
     }

@@ -22,6 +22,8 @@
 // gate/up: warps (one intermediate row each) per block. Small blocks with MT = 1 held to 64 registers keep
 // 8 blocks (32 warps) resident per SM and give the block scheduler finer pieces to balance over the SMs.
 constexpr int FFN_WARPS = 4;
+// Intermediate rows per warp of a routed gate/up block with one token per tile (ops::moe).
+constexpr int GATE_UP_ROUTED_ROWS_T1 = 2;
 // down: DOWN_ROWS output rows per block, DOWN_SPLIT warps per row, each taking every DOWN_SPLIT-th item.
 constexpr int DOWN_ROWS = 4;
 constexpr int DOWN_SPLIT = 2;
@@ -133,8 +135,12 @@ SPK_DEVICE void sorted_position(int my_id, int top_k, int p, int& expert, int& s
     expert = __shfl_sync(0xffffffffu, my_id, slot);
 }
 
-// grid.x: num_slots routed positions, plus one for the dense FFN when present; grid.y: row tiles of
-// FFN_WARPS intermediate rows, sized for the larger of the two intermediates.
+// grid.x: num_slots routed positions, plus one for the dense FFN when present; grid.y: row tiles, sized for
+// the larger of the two intermediates. A dense block takes FFN_WARPS rows, one per warp; a routed block
+// FFN_WARPS * ROUTED_ROWS, each warp its rows one after the other: two with one token per tile (decode at
+// T = 1), so that the grid is resident in one wave (with one row per warp Qwen3.5's 1152 blocks made 1.09
+// waves of 8 blocks per SM on the H100), one otherwise. The dense column keeps one row per warp: it
+// streams while the routed blocks wait for the router, and fewer warps there streamed less of it.
 template <int ACT, int MT>
 __global__ void __launch_bounds__(FFN_WARPS * 32, MT == 1 ? 8 : 1) expert_gate_up_kernel(
     const bf16_t* __restrict__ x, i64 x_row_stride, int top_k, int hidden, const bf16_t* __restrict__ gate_up,
@@ -144,10 +150,11 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, MT == 1 ? 8 : 1) expert_gate_u
     bf16_t* __restrict__ h_dense, float* __restrict__ dense_gate, const bf16_t* __restrict__ down,
     const bf16_t* __restrict__ dense_down, int prefetch_rows, int early_dense,
     const __grid_constant__ FusedRouting route) {
+    constexpr int ROUTED_ROWS = MT == 1 ? GATE_UP_ROUTED_ROWS_T1 : 1;
     const bool dense_block = (int)blockIdx.x >= num_slots;
     // The grid's rows are sized for the larger intermediate: routed blocks past the experts' rows have no
     // work and leave before waiting.
-    const int row_tiles = (inter + FFN_WARPS - 1) / FFN_WARPS;
+    const int row_tiles = (inter + FFN_WARPS * ROUTED_ROWS - 1) / (FFN_WARPS * ROUTED_ROWS);
     if (!dense_block && (int)blockIdx.y >= row_tiles) return;
     // Launched with programmatic dependent launch: the routing is written by the kernel before this one.
     // With early_dense (the MoE block call, whose router lets this launch start only after its own wait, so
@@ -202,8 +209,23 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, MT == 1 ? 8 : 1) expert_gate_u
         // while this kernel streams the gate/up rows.
         if (prefetch_rows > 0)
             prefetch_l2_part(down + (i64)e * hidden * inter, (i64)prefetch_rows * inter * 2, blockIdx.y, row_tiles);
-        if (row >= inter) return;
         const bf16_t* w = gate_up + (i64)e * 2 * inter * hidden;
+        if constexpr (ROUTED_ROWS > 1) {
+            // One token per pass (MT = 1): each of the expert's slots (one, unless the caller's routing
+            // names an expert twice), then each of the warp's rows.
+            const int row0 = blockIdx.y * FFN_WARPS * ROUTED_ROWS + warp;
+            const int row_end = min(row0 + FFN_WARPS * ROUTED_ROWS, inter);
+#pragma unroll 1
+            for (int q = p; q < end; ++q) {
+                const int s = fused ? fused_slot : sorted_slots[q];
+                x_rows[0] = x + (i64)(s / top_k) * x_row_stride;
+                h_rows[0] = h_routed + (i64)s * inter;
+#pragma unroll 1
+                for (int r = row0; r < row_end; r += FFN_WARPS) gate_up_rows<ACT, MT>(w, inter, hidden, r, x_rows, h_rows, 1);
+            }
+            return;
+        }
+        if (row >= inter) return;
         // More than MT tokens on one expert (prefill) take several passes; the rows stay in L1/L2.
         for (int q = p; q < end; q += MT) {
             const int nt = min(MT, end - q);

@@ -284,7 +284,7 @@ unsafe fn launch_router(device: &Device, c: &RouterChecked, in_block: bool, stre
     // before it. In the MoE block the dense column of the gate/up kernel reads x without waiting, so there
     // the single-token router lets the next launch in only after its wait, and the tensor-core router (whose
     // top-k kernel lets the gate/up launch in at once) runs in stream order: launched as a dependent with the
-    // late trigger, it made the T = 8 blocks 3.5 µs (Qwen3.5) and 7.5 µs (Gemma 4) slower on the H100.
+    // late trigger, it made the T = 8 blocks 3.5 µs (Qwen3.5) and 7.3 µs (Gemma 4) slower on the H100.
     if !in_block || matches!(which, RouterKernel::Gemv) {
         device.launch_dependent(&kernel, grid, (block as u32, 1, 1), 0, stream.raw(), args)
     } else {

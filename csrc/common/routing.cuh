@@ -123,15 +123,17 @@ SPK_DEVICE Selection select_top_k_lanes(const float* __restrict__ logits_row, in
 // The selection of one token (NaN ranks as -inf, -0 below +0, ties to the lower expert), for experts <= 32
 // * MAX_PER_LANE (a smaller bound keeps the registers of a kernel that cannot afford 16 keys per lane);
 // `scores`: route_scores will follow. With expert_scale, the vector is brought into L1 for route_scores.
+// The per-expert scale (if any) into L1 over the warp: its selected entries are read after the selection.
+SPK_DEVICE void prefetch_expert_scale(const float* __restrict__ expert_scale, int experts) {
+    const int lane = threadIdx.x & 31;
+    if (expert_scale == nullptr) return;
+    for (int e = lane * 32; e < experts; e += 32 * 32) asm volatile("prefetch.global.L1 [%0];" ::"l"(expert_scale + e));
+}
+
 template <int MAX_PER_LANE = TOPK_PER_LANE>
 SPK_DEVICE Selection select_top_k(const float* __restrict__ logits_row, int experts, int top_k, bool scores,
                                   const float* __restrict__ expert_scale) {
-    const int lane = threadIdx.x & 31;
-    if (expert_scale != nullptr) {
-        // Its selected entries are read after the selection: bring the vector into L1 meanwhile.
-        for (int e = lane * 32; e < experts; e += 32 * 32)
-            asm volatile("prefetch.global.L1 [%0];" ::"l"(expert_scale + e));
-    }
+    prefetch_expert_scale(expert_scale, experts);
     if (experts <= 32) return select_top_k_lanes<1>(logits_row, experts, top_k, scores);
     if (experts <= 64) return select_top_k_lanes<2>(logits_row, experts, top_k, scores);
     if (experts <= 128) return select_top_k_lanes<4>(logits_row, experts, top_k, scores);
@@ -161,11 +163,17 @@ SPK_DEVICE void route_scores(const Selection& sel, int top_k, int scoring, bool 
     }
 }
 
-// select_top_k then route_scores: the routing of one token by a warp; returns the expert of selection `lane`.
+// The selection with PER_LANE experts per lane (the smallest of 1, 2, 4, 8, 16 with 32 PER_LANE >= experts,
+// as select_top_k picks), then route_scores: the routing of one token by a warp; returns the expert of
+// selection `lane`. Only that selection is compiled in (the top-k kernel is instantiated per PER_LANE),
+// which keeps the warp's code short: at one token the kernel is that warp's chain, and instruction fetch
+// was among its longest stalls.
+template <int PER_LANE>
 SPK_DEVICE int route_token(const float* __restrict__ logits_row, int experts, int top_k, int scoring,
                            bool renormalize, const float* __restrict__ expert_scale, int* __restrict__ ids_row,
                            float* __restrict__ weights_row) {
-    const Selection sel = select_top_k(logits_row, experts, top_k, true, expert_scale);
+    prefetch_expert_scale(expert_scale, experts);
+    const Selection sel = select_top_k_lanes<PER_LANE>(logits_row, experts, top_k, true);
     route_scores(sel, top_k, scoring, renormalize, expert_scale, ids_row, weights_row);
     return sel.id;
 }

@@ -83,13 +83,30 @@ fn router_name(k: RouterKernel, transform: bool) -> KernelName {
     }
 }
 
+/// The top-k kernel for `experts`: experts per lane as `top_k_per_lane` in common/routing.cuh (one
+/// selection compiled per instantiation).
+fn topk_name(experts: usize) -> KernelName {
+    let per_lane = match experts {
+        0..=32 => 1,
+        33..=64 => 2,
+        65..=128 => 4,
+        129..=256 => 8,
+        _ => 16,
+    };
+    topk_name_for(per_lane)
+}
+
+fn topk_name_for(per_lane: usize) -> KernelName {
+    kernel_name!("topk_router_kernel<{per_lane}>")
+}
+
 fn router_instantiations() -> Vec<String> {
     let mut v: Vec<String> = ROUTER_KERNELS
         .iter()
         .flat_map(|&k| [router_name(k, false), router_name(k, true)])
         .map(|n| n.to_string())
         .collect();
-    v.push("topk_router_kernel".into());
+    v.extend([1, 2, 4, 8, 16].iter().map(|n| topk_name_for(*n).to_string()));
     v.push("expert_index_kernel".into());
     v
 }
@@ -423,7 +440,7 @@ fn scoring_code(s: Scoring) -> i32 {
 unsafe fn launch_topk(device: &Device, c: &TopkChecked, stream: Stream) -> Result<()> {
     let tokens = c.logits.rows;
     let blocks = tokens.div_ceil(TOPK_WARPS);
-    let kernel = device.kernel(&ROUTER_SOURCE, "topk_router_kernel")?;
+    let kernel = device.kernel(&ROUTER_SOURCE, &topk_name(c.logits.cols))?;
     let mut logits = c.logits.ptr;
     let mut ls = c.logits.row_stride as i64;
     let mut t = tokens as i32;

@@ -87,7 +87,8 @@ SPK_DEVICE uint4 load_u128_stream(const void* p, unsigned long long policy) {
 // kernel's writes land, so a line fetched early is never stale).
 SPK_DEVICE void prefetch_l2_lines(const void* p, i64 bytes, int index, int count) {
     const char* c = static_cast<const char*>(p);
-    for (i64 off = (i64)index * 128; off < bytes; off += (i64)count * 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(c + off));
+    for (i64 off = (i64)index * 128; off < bytes; off += (i64)count * 128)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(c + off));
 }
 
 // Asks L2 to fetch piece `part` of `parts` equal pieces of [p, p + bytes), one 128-byte line per thread

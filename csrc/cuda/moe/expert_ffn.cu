@@ -221,7 +221,8 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, MT == 1 ? 8 : 1) expert_gate_u
                 x_rows[0] = x + (i64)(s / top_k) * x_row_stride;
                 h_rows[0] = h_routed + (i64)s * inter;
 #pragma unroll 1
-                for (int r = row0; r < row_end; r += FFN_WARPS) gate_up_rows<ACT, MT>(w, inter, hidden, r, x_rows, h_rows, 1);
+                for (int r = row0; r < row_end; r += FFN_WARPS)
+                    gate_up_rows<ACT, MT>(w, inter, hidden, r, x_rows, h_rows, 1);
             }
             return;
         }

@@ -332,8 +332,8 @@ constexpr int SMALL_INDEX_SLOTS = TOPK_WARPS * 16;
 // One warp per token. With a single block (T <= TOPK_WARPS, the decode case) the same launch also builds
 // the index from the ids it keeps in shared memory, saving a launch on the critical path; otherwise
 // expert_index_kernel follows. The decode launch may have fewer than TOPK_WARPS warps (one per token).
-// PER_LANE: experts per lane, as route_token says (ops::moe::topk_name). Launched with programmatic dependent launch:
-// nothing is read before pdl_wait().
+// PER_LANE: experts per lane, as route_token says (ops::moe::topk_name). Launched with programmatic
+// dependent launch: nothing is read before pdl_wait().
 template <int PER_LANE>
 __global__ void __launch_bounds__(TOPK_WARPS * 32) topk_router_kernel(
     const float* __restrict__ logits, i64 logits_row_stride, int tokens, int experts, int top_k, int scoring,
@@ -348,8 +348,9 @@ __global__ void __launch_bounds__(TOPK_WARPS * 32) topk_router_kernel(
     const int lane = threadIdx.x & 31;
     const int t = blockIdx.x * TOPK_WARPS + (threadIdx.x >> 5);
     if (t < tokens) {
-        const int id = route_token<PER_LANE>(logits + (i64)t * logits_row_stride, experts, top_k, scoring, renormalize != 0,
-                                   expert_scale, topk_ids + (i64)t * top_k, topk_weights + (i64)t * top_k);
+        const int id = route_token<PER_LANE>(logits + (i64)t * logits_row_stride, experts, top_k, scoring,
+                                             renormalize != 0, expert_scale, topk_ids + (i64)t * top_k,
+                                             topk_weights + (i64)t * top_k);
         if (build_index_here && lane < top_k) sh_ids[t * top_k + lane] = id;
     }
     if (build_index_here) {

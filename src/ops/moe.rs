@@ -83,8 +83,8 @@ fn router_name(k: RouterKernel, transform: bool) -> KernelName {
     }
 }
 
-/// The top-k kernel for `experts`: experts per lane as `top_k_per_lane` in common/routing.cuh (one
-/// selection compiled per instantiation).
+/// The top-k kernel for `experts`: the smallest of 1, 2, 4, 8, 16 experts per lane that holds them, as
+/// select_top_k picks in common/routing.cuh (one selection compiled per instantiation).
 fn topk_name(experts: usize) -> KernelName {
     let per_lane = match experts {
         0..=32 => 1,

@@ -1,7 +1,7 @@
 //! The MoE ops on a CUDA GPU against the CPU reference, on fresh random inputs with poisoned outputs:
 //! the whole block at both model shapes and T = 1 … 4096, routing patterns (all tokens tied on the same
 //! experts, experts without tokens, concentrated routing), NaN inputs, the top-k router alone, the dense
-//! FFN alone, and the block captured in a CUDA graph (global capture mode) replayed with new inputs.
+//! FFN alone, the expert FFN with a caller's routing that names an expert twice, and the block captured in a CUDA graph (global capture mode) replayed with new inputs.
 //! Every failure names the case, the seed and the numbers.
 //!
 //! With SPARKINFER_TEST_SMALL set (compute-sanitizer runs, where kernels are 10–100× slower) each test keeps
@@ -15,8 +15,8 @@
 //! would dominate the run, while the f64 oracle's cost per token does not depend on the expert count.
 
 use sparkinfer::checks::moe::{
-    check_block, check_dense, check_topk, compare_block, read_routing, BlockCase, BlockWeights, DeviceWeights,
-    LogitPattern, MoeShape, Outcome, RoutingPattern, TopkCase, GEMMA4, QWEN35,
+    check_block, check_dense, check_given_routing, check_topk, compare_block, read_routing, BlockCase, BlockWeights,
+    DeviceWeights, LogitPattern, MoeShape, Outcome, RoutingPattern, TopkCase, GEMMA4, QWEN35,
 };
 use sparkinfer::ops::moe as ops;
 use sparkinfer::ops::Stream;
@@ -167,6 +167,27 @@ fn dense_ffn_matches_reference() {
         for &tokens in token_counts {
             let o = check_dense(&ctx, s.1, &shape, tokens, seed).unwrap();
             assert_passes(&format!("dense {} T={tokens}", shape.label), seed, &o, BF16_TOL);
+        }
+    }
+}
+
+/// The expert FFN with routing the caller built that names an expert twice for a token (top-k never does,
+/// but the op takes any ids with a consistent index): both slots count. T = 1 runs the single-token gate/up
+/// path, whose routed warps take two rows each; T = 2 the two-token tiles.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn given_routing_may_name_an_expert_twice() {
+    let ctx = gpu();
+    let s = OwnedStream::new(&ctx);
+    let seed = Rng::fresh_seed();
+    // Token 0 names expert 3 twice and leaves out expert 4; token 1 names expert 6 twice.
+    let t1 = vec![3, 3, 0, 5, 1, 7, 2, 6];
+    let t2 = [t1.clone(), vec![6, 1, 0, 6, 3, 4, 2, 5]].concat();
+    for shape in shapes() {
+        let shape = shape.with_experts(8);
+        for ids in [&t1, &t2] {
+            let o = check_given_routing(&ctx, s.1, &shape, ids, seed).unwrap();
+            assert_passes(&format!("given routing {} T={}", shape.label, ids.len() / 8), seed, &o, BF16_TOL);
         }
     }
 }

@@ -655,6 +655,69 @@ pub fn check_dense(ctx: &Context, stream: Stream, s: &MoeShape, tokens: usize, s
     Ok(Outcome { out: Comparison::new(&out, &want), logits: None, weights: None, mismatches: Vec::new(), stray_writes })
 }
 
+/// The expert FFN (routed experts and the dense FFN) with routing the caller built: `ids` is [tokens, top_k]
+/// and may name an expert twice for a token, whose two slots are then two terms of its sum, as in the
+/// reference; the expert index is built here on the host, the weights are random.
+pub fn check_given_routing(ctx: &Context, stream: Stream, s: &MoeShape, ids: &[i32], seed: u64) -> Result<Outcome> {
+    let mut rng = Rng::new(seed);
+    let w = BlockWeights::random(s, RoutingPattern::Random, &mut rng);
+    let (h, k) = (s.hidden, s.top_k);
+    let tokens = ids.len() / k;
+    let x = rng.bf16_normal(tokens * h, 1.0);
+    let weights: Vec<f32> = (0..ids.len()).map(|_| rng.range(0.1, 1.0)).collect();
+    let (_, offsets, sorted) = naive::index(ids, s.experts);
+    let dw = DeviceWeights::upload(ctx, &w)?;
+    let x_buf = TestBuffer::from_slice(ctx, &x)?;
+    let out_buf = TestBuffer::new(ctx, tokens * h * 2)?;
+    out_buf.poison()?;
+    let ids_buf = TestBuffer::from_slice(ctx, ids)?;
+    let weights_buf = TestBuffer::from_slice(ctx, &weights)?;
+    let offsets_buf = TestBuffer::from_slice(ctx, &offsets)?;
+    let sorted_buf = TestBuffer::from_slice(ctx, &sorted)?;
+    let ws_bytes =
+        ops::expert_ffn_workspace_size(tokens as i64, h as i64, k as i64, s.inter as i64, s.dense_inter as i64)?;
+    let ws = TestBuffer::new(ctx, ws_bytes + GUARD_BYTES)?;
+    ws.poison()?;
+    let args = ExpertFfnArgs {
+        x: x_buf.ptr(),
+        x_row_stride: 0,
+        out: out_buf.ptr(),
+        out_row_stride: 0,
+        accumulate: false,
+        tokens: tokens as i64,
+        hidden: h as i64,
+        activation: s.activation(),
+        routed: Some(RoutedExperts {
+            gate_up: dw.gate_up.ptr(),
+            down: dw.down.ptr(),
+            experts: s.experts as i64,
+            inter: s.inter as i64,
+            top_k: k as i64,
+            topk_ids: ids_buf.ptr(),
+            topk_weights: weights_buf.ptr(),
+            expert_offsets: offsets_buf.ptr(),
+            sorted_slots: sorted_buf.ptr(),
+        }),
+        dense: (s.dense_inter > 0).then(|| DenseFfn {
+            gate_up: dw.dense_gate_up.ptr(),
+            down: dw.dense_down.ptr(),
+            inter: s.dense_inter as i64,
+            gate_weight: dw.dense_gate.as_ref().map_or(0, |g| g.ptr()),
+        }),
+        workspace: ws.ptr(),
+        workspace_bytes: ws_bytes,
+    };
+    // Every address is a buffer allocated above with the extent the arguments describe.
+    unsafe { ops::expert_ffn(ctx, &args, stream)? };
+    stream.synchronize(ctx)?;
+    let out: Vec<f32> = reference::to_f32(&out_buf.download::<bf16>(tokens * h)?);
+    let guard: Vec<u8> = ws.download(ws_bytes + GUARD_BYTES)?;
+    let stray_writes = guard[ws_bytes..].iter().filter(|&&b| b != 0xff).count();
+    let want: Vec<f32> =
+        oracle_output(ctx, s, &w, &x, ids, &weights).iter().map(|&v| bf16::from_f64(v).to_f32()).collect();
+    Ok(Outcome { out: Comparison::new(&out, &want), logits: None, weights: None, mismatches: Vec::new(), stray_writes })
+}
+
 fn oracle_output_dense(ctx: &Context, s: &MoeShape, w: &BlockWeights, x: &[bf16]) -> Vec<f64> {
     oracle_output(ctx, s, w, x, &[], &[])
 }
@@ -697,6 +760,17 @@ pub fn model_checks(cpu: bool) -> Vec<ModelCheck> {
             variant: "tied, accumulate, strided".into(),
             tol: BF16_TOL,
             run: Box::new(move |ctx, stream, seed| Ok(check_block(ctx, stream, &tied, seed)?.into_check_result())),
+        });
+        // A caller's routing that names expert 3 twice for its one token (the single-token gate/up path).
+        let routed = s.with_experts(8);
+        checks.push(ModelCheck {
+            op: "moe_expert_ffn",
+            shape: format!("{} E=8 T=1", s.label),
+            variant: "given routing, an expert twice".into(),
+            tol: BF16_TOL,
+            run: Box::new(move |ctx, stream, seed| {
+                Ok(check_given_routing(ctx, stream, &routed, &[3, 3, 0, 5, 1, 7, 2, 6], seed)?.into_check_result())
+            }),
         });
         let shape = *s;
         checks.push(ModelCheck {

@@ -608,6 +608,33 @@ pub fn check_topk(ctx: &Context, stream: Stream, c: &TopkCase, seed: u64) -> Res
     Ok(Outcome { out: weights_cmp, logits: None, weights: None, mismatches, stray_writes })
 }
 
+/// A workspace of `bytes` and GUARD_BYTES past it, every byte poisoned (0xff).
+fn guarded_workspace(ctx: &Context, bytes: usize) -> Result<TestBuffer<'_>> {
+    let ws = TestBuffer::new(ctx, bytes + GUARD_BYTES)?;
+    ws.poison()?;
+    Ok(ws)
+}
+
+/// Runs expert_ffn and reads back `elems` outputs and the count of bytes written into the guard past the
+/// workspace (`ws` holds `args.workspace_bytes` + GUARD_BYTES, poisoned).
+///
+/// # Safety
+/// Every address in `args` is a buffer of the context with the extent the arguments describe.
+unsafe fn run_expert_ffn(
+    ctx: &Context,
+    stream: Stream,
+    args: &ExpertFfnArgs,
+    out: &TestBuffer,
+    ws: &TestBuffer,
+    elems: usize,
+) -> Result<(Vec<f32>, usize)> {
+    unsafe { ops::expert_ffn(ctx, args, stream)? };
+    stream.synchronize(ctx)?;
+    let out: Vec<f32> = reference::to_f32(&out.download::<bf16>(elems)?);
+    let guard: Vec<u8> = ws.download(args.workspace_bytes + GUARD_BYTES)?;
+    Ok((out, guard[args.workspace_bytes..].iter().filter(|&&b| b != 0xff).count()))
+}
+
 /// The dense FFN alone (expert_ffn without routed experts), accumulating into an existing output.
 pub fn check_dense(ctx: &Context, stream: Stream, s: &MoeShape, tokens: usize, seed: u64) -> Result<Outcome> {
     let mut rng = Rng::new(seed);
@@ -621,8 +648,7 @@ pub fn check_dense(ctx: &Context, stream: Stream, s: &MoeShape, tokens: usize, s
     let dn = TestBuffer::from_slice(ctx, &w.dense_down)?;
     let gate = w.dense_gate.as_ref().map(|g| TestBuffer::from_slice(ctx, g)).transpose()?;
     let ws_bytes = ops::expert_ffn_workspace_size(tokens as i64, s.hidden as i64, 0, 0, s.dense_inter as i64)?;
-    let ws = TestBuffer::new(ctx, ws_bytes + GUARD_BYTES)?;
-    ws.poison()?;
+    let ws = guarded_workspace(ctx, ws_bytes)?;
     let args = ExpertFfnArgs {
         x: x_buf.ptr(),
         x_row_stride: 0,
@@ -643,11 +669,7 @@ pub fn check_dense(ctx: &Context, stream: Stream, s: &MoeShape, tokens: usize, s
         workspace_bytes: ws_bytes,
     };
     // Every address is a buffer allocated above with the extent the arguments describe.
-    unsafe { ops::expert_ffn(ctx, &args, stream)? };
-    stream.synchronize(ctx)?;
-    let out: Vec<f32> = reference::to_f32(&out_buf.download::<bf16>(tokens * h)?);
-    let guard: Vec<u8> = ws.download(ws_bytes + GUARD_BYTES)?;
-    let stray_writes = guard[ws_bytes..].iter().filter(|&&b| b != 0xff).count();
+    let (out, stray_writes) = unsafe { run_expert_ffn(ctx, stream, &args, &out_buf, &ws, tokens * h)? };
     let shape = MoeShape { top_k: 0, ..*s };
     let mut want = oracle_output_dense(ctx, &shape, &w, &x);
     want.iter_mut().zip(&existing).for_each(|(a, b)| *a += b.to_f64());
@@ -676,8 +698,7 @@ pub fn check_given_routing(ctx: &Context, stream: Stream, s: &MoeShape, ids: &[i
     let sorted_buf = TestBuffer::from_slice(ctx, &sorted)?;
     let ws_bytes =
         ops::expert_ffn_workspace_size(tokens as i64, h as i64, k as i64, s.inter as i64, s.dense_inter as i64)?;
-    let ws = TestBuffer::new(ctx, ws_bytes + GUARD_BYTES)?;
-    ws.poison()?;
+    let ws = guarded_workspace(ctx, ws_bytes)?;
     let args = ExpertFfnArgs {
         x: x_buf.ptr(),
         x_row_stride: 0,
@@ -708,11 +729,7 @@ pub fn check_given_routing(ctx: &Context, stream: Stream, s: &MoeShape, ids: &[i
         workspace_bytes: ws_bytes,
     };
     // Every address is a buffer allocated above with the extent the arguments describe.
-    unsafe { ops::expert_ffn(ctx, &args, stream)? };
-    stream.synchronize(ctx)?;
-    let out: Vec<f32> = reference::to_f32(&out_buf.download::<bf16>(tokens * h)?);
-    let guard: Vec<u8> = ws.download(ws_bytes + GUARD_BYTES)?;
-    let stray_writes = guard[ws_bytes..].iter().filter(|&&b| b != 0xff).count();
+    let (out, stray_writes) = unsafe { run_expert_ffn(ctx, stream, &args, &out_buf, &ws, tokens * h)? };
     let want: Vec<f32> =
         oracle_output(ctx, s, &w, &x, ids, &weights).iter().map(|&v| bf16::from_f64(v).to_f32()).collect();
     Ok(Outcome { out: Comparison::new(&out, &want), logits: None, weights: None, mismatches: Vec::new(), stray_writes })

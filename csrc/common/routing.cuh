@@ -120,9 +120,6 @@ SPK_DEVICE Selection select_top_k_lanes(const float* __restrict__ logits_row, in
     return sel;
 }
 
-// The selection of one token (NaN ranks as -inf, -0 below +0, ties to the lower expert), for experts <= 32
-// * MAX_PER_LANE (a smaller bound keeps the registers of a kernel that cannot afford 16 keys per lane);
-// `scores`: route_scores will follow. With expert_scale, the vector is brought into L1 for route_scores.
 // The per-expert scale (if any) into L1 over the warp: its selected entries are read after the selection.
 SPK_DEVICE void prefetch_expert_scale(const float* __restrict__ expert_scale, int experts) {
     const int lane = threadIdx.x & 31;
@@ -130,6 +127,9 @@ SPK_DEVICE void prefetch_expert_scale(const float* __restrict__ expert_scale, in
     for (int e = lane * 32; e < experts; e += 32 * 32) asm volatile("prefetch.global.L1 [%0];" ::"l"(expert_scale + e));
 }
 
+// The selection of one token (NaN ranks as -inf, -0 below +0, ties to the lower expert), for experts <= 32
+// * MAX_PER_LANE (a smaller bound keeps the registers of a kernel that cannot afford 16 keys per lane);
+// `scores`: route_scores will follow. With expert_scale, the vector is brought into L1 for route_scores.
 template <int MAX_PER_LANE = TOPK_PER_LANE>
 SPK_DEVICE Selection select_top_k(const float* __restrict__ logits_row, int experts, int top_k, bool scores,
                                   const float* __restrict__ expert_scale) {

@@ -83,17 +83,10 @@ fn router_name(k: RouterKernel, transform: bool) -> KernelName {
     }
 }
 
-/// The top-k kernel for `experts`: the smallest of 1, 2, 4, 8, 16 experts per lane that holds them, as
-/// select_top_k picks in common/routing.cuh (one selection compiled per instantiation).
+/// The top-k kernel for `experts` (1 to MAX_EXPERTS): the smallest power of two of experts per lane that
+/// holds them, as select_top_k picks in common/routing.cuh (one selection compiled per instantiation).
 fn topk_name(experts: usize) -> KernelName {
-    let per_lane = match experts {
-        0..=32 => 1,
-        33..=64 => 2,
-        65..=128 => 4,
-        129..=256 => 8,
-        _ => 16,
-    };
-    topk_name_for(per_lane)
+    topk_name_for(experts.div_ceil(32).next_power_of_two())
 }
 
 fn topk_name_for(per_lane: usize) -> KernelName {
@@ -1296,4 +1289,19 @@ fn rename_router_error(err: Error) -> Error {
 /// Distinct experts' bytes a decode call must read at least: used by the benchmarks' byte floors.
 pub fn expert_bytes(hidden: usize, inter: usize) -> usize {
     3 * hidden * inter * 2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each expert count gets the smallest top-k instantiation that holds it (select_top_k's rule).
+    #[test]
+    fn topk_kernel_per_lane_holds_the_experts() {
+        for (experts, per_lane) in
+            [(1, 1), (32, 1), (33, 2), (64, 2), (65, 4), (128, 4), (129, 8), (256, 8), (257, 16), (512, 16)]
+        {
+            assert_eq!(&*topk_name(experts), &*topk_name_for(per_lane), "{experts} experts");
+        }
+    }
 }

@@ -232,7 +232,7 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, MT == 1 ? 8 : 1) expert_gate_u
             const int nt = min(MT, end - q);
 #pragma unroll
             for (int m = 0; m < MT; ++m) {
-                const int s = fused ? fused_slot : sorted_slots[q + min(m, nt - 1)];
+                const int s = sorted_slots[q + min(m, nt - 1)];
                 x_rows[m] = x + (i64)(s / top_k) * x_row_stride;
                 h_rows[m] = h_routed + (i64)s * inter;
             }

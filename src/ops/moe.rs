@@ -146,8 +146,7 @@ fn ffn_instantiations() -> Vec<String> {
         .iter()
         .flat_map(|&a| GATE_UP_TILES.iter().map(move |&mt| gate_up_name(a, mt).to_string()))
         .collect();
-    v.push("expert_down_kernel<false>".into());
-    v.push("expert_down_kernel<true>".into());
+    v.extend([0, 4, 5].map(|g| down_name(g).to_string()));
     v.extend([Activation::Silu, Activation::GeluTanh].map(|a| grouped_gate_up_name(a).to_string()));
     v.push("grouped_down_kernel".into());
     v.push("ffn_combine_kernel".into());
@@ -955,9 +954,9 @@ unsafe fn launch_ffn(
         return device.launch_dependent(&kernel, grid, (COMBINE_THREADS as u32, 1, 1), 0, stream.raw(), &mut args);
     }
 
-    // A single token takes the chunked path with four blocks per SM (expert_down_kernel<true>).
-    let name = if tokens == 1 { "expert_down_kernel<true>" } else { "expert_down_kernel<false>" };
-    let kernel = device.kernel(&FFN_SOURCE, name)?;
+    // A single token takes the chunked path with four blocks per SM.
+    let group = if tokens == 1 { down_single_group(c) } else { 0 };
+    let kernel = device.kernel(&FFN_SOURCE, &down_name(group))?;
     let mut args = crate::kernel_args![
         t,
         top_k,
@@ -981,6 +980,33 @@ unsafe fn launch_ffn(
     let grid = (hidden.div_ceil(DOWN_ROWS) as u32, 1, 1);
     let block = ((DOWN_ROWS * DOWN_SPLIT * 32) as u32, 1, 1);
     device.launch_dependent(&kernel, grid, block, 0, stream.raw(), &mut args)
+}
+
+/// The down kernel's instantiation: `group` 0 for the general path, else the single-token path with that
+/// many chunks in flight per warp.
+fn down_name(group: usize) -> KernelName {
+    kernel_name!("expert_down_kernel<{group}>")
+}
+
+/// Chunks in flight per warp of the single-token down path (expert_down_kernel): 5 where that finishes a
+/// warp's part of an output row in two rounds of loads instead of three, else 4. Qwen3.5 (9 chunks of 512
+/// bytes per part) ran 0.5 µs faster with 5; Gemma 4 (17 chunks, four rounds instead of five) 1.5 µs
+/// slower (docs/PERF.md).
+fn down_single_group(c: &FfnChecked) -> usize {
+    const CHUNK_ELEMS: usize = 8 * 32; // DOWN_CHUNK vectors of 8
+    let routed = c.routed.as_ref().map_or(0, |r| r.top_k * r.inter.div_ceil(CHUNK_ELEMS));
+    let dense = c.dense.as_ref().map_or(0, |d| d.inter.div_ceil(CHUNK_ELEMS));
+    group_for_chunks(routed + dense)
+}
+
+/// down_single_group's rule for a row of `chunks` chunks, cut into DOWN_SPLIT parts.
+fn group_for_chunks(chunks: usize) -> usize {
+    let per_part = chunks.div_ceil(DOWN_SPLIT);
+    if per_part.div_ceil(5) <= 2 && per_part.div_ceil(4) > 2 {
+        5
+    } else {
+        4
+    }
 }
 
 /// Rows of the down projection's weights (per selected expert and of the dense FFN, the same count for
@@ -1302,6 +1328,15 @@ mod tests {
             [(1, 1), (32, 1), (33, 2), (64, 2), (65, 4), (128, 4), (129, 8), (256, 8), (257, 16), (512, 16)]
         {
             assert_eq!(&*topk_name(experts), &*topk_name_for(per_lane), "{experts} experts");
+        }
+    }
+
+    /// Five chunks in flight only where they finish a row part in two rounds of loads instead of three:
+    /// Qwen3.5's row (8 experts of 2 chunks, the shared expert's 2) yes, Gemma 4's (8 of 3, dense 9) no.
+    #[test]
+    fn single_token_down_group_follows_the_rounds() {
+        for (chunks, group) in [(18, 5), (33, 4), (8, 4), (16, 4), (17, 5), (20, 5), (21, 4), (1, 4)] {
+            assert_eq!(group_for_chunks(chunks), group, "{chunks} chunks");
         }
     }
 }

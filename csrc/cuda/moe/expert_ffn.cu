@@ -306,16 +306,16 @@ SPK_DEVICE void warp_dot_group(const bf16_t* const (&w)[DOWN_GROUP], const bf16_
 constexpr int DOWN_CHUNK = 32;
 
 // Part `part` of output row n at T = 1, summed over the warp (every lane gets it). The row's items (the k
-// routed slots in expert-sorted order, then the dense FFN: at most 17, one per lane) are cut into chunks of
+// routed slots in slot order, then the dense FFN: at most 17, one per lane) are cut into chunks of
 // DOWN_CHUNK vectors numbered item by item; the part takes chunks part, part + DOWN_SPLIT, ... and runs
-// them DOWN_GROUP at a time with all their loads in flight. A long row (Gemma 4's dense down, 264 vectors)
+// them GROUP at a time with all their loads in flight (ops::moe::down_single_group picks 4 or 5). A long row (Gemma 4's dense down, 264 vectors)
 // is so spread over the parts and streamed several loads deep, where one item per group would stream it
 // one load per lane at a time. Each lane adds scale x its products in chunk order; one warp sum at the end.
+template <int GROUP>
 SPK_DEVICE float down_row_single_token(int n, int part, int top_k, int hidden, const bf16_t* __restrict__ down,
                                        int inter, const int* __restrict__ topk_ids,
-                                       const float* __restrict__ topk_weights, const int* __restrict__ sorted_slots,
-                                       const bf16_t* __restrict__ h_routed, const bf16_t* __restrict__ dense_down,
-                                       int dense_inter, const bf16_t* __restrict__ h_dense,
+                                       const float* __restrict__ topk_weights, const bf16_t* __restrict__ h_routed,
+                                       const bf16_t* __restrict__ dense_down, int dense_inter, const bf16_t* __restrict__ h_dense,
                                        const float* __restrict__ dense_gate) {
     const int lane = threadIdx.x & 31;
     const int n_routed = top_k;
@@ -324,10 +324,11 @@ SPK_DEVICE float down_row_single_token(int n, int part, int top_k, int hidden, c
     const bf16_t* my_h = nullptr;
     float my_scale = 0.0f;
     if (lane < n_routed) {
-        const int s = sorted_slots[lane];
-        my_w = down + ((i64)topk_ids[s] * hidden + n) * inter;
-        my_h = h_routed + (i64)s * inter;
-        my_scale = topk_weights[s];
+        // One token: its slots are 0 .. k-1, so the ids and weights are read in one round trip, not
+        // through sorted_slots first.
+        my_w = down + ((i64)topk_ids[lane] * hidden + n) * inter;
+        my_h = h_routed + (i64)lane * inter;
+        my_scale = topk_weights[lane];
     } else if (lane < n_items) {
         my_w = dense_down + (i64)n * dense_inter;
         my_h = h_dense;
@@ -338,11 +339,11 @@ SPK_DEVICE float down_row_single_token(int n, int part, int top_k, int hidden, c
     const int total = routed_total + (n_items - n_routed) * ((dense_inter / 8 + DOWN_CHUNK - 1) / DOWN_CHUNK);
     const unsigned long long policy = l2_evict_first_policy();
     float acc = 0.0f;
-    for (int q0 = part; q0 < total; q0 += DOWN_GROUP * DOWN_SPLIT) {
-        uint4 wv[DOWN_GROUP], hv[DOWN_GROUP];
-        int item[DOWN_GROUP], vec[DOWN_GROUP];
+    for (int q0 = part; q0 < total; q0 += GROUP * DOWN_SPLIT) {
+        uint4 wv[GROUP], hv[GROUP];
+        int item[GROUP], vec[GROUP];
 #pragma unroll
-        for (int g = 0; g < DOWN_GROUP; ++g) {
+        for (int g = 0; g < GROUP; ++g) {
             // Chunk q: vectors [step * DOWN_CHUNK, + DOWN_CHUNK) of item j; past the last chunk, nothing.
             const int q = q0 + g * DOWN_SPLIT;
             int j = 0, step = 0, vecs = 0;
@@ -363,12 +364,12 @@ SPK_DEVICE float down_row_single_token(int n, int part, int top_k, int hidden, c
         }
         // h was written by gate_up just before (L2 hits): issued after every weight load.
 #pragma unroll
-        for (int g = 0; g < DOWN_GROUP; ++g) {
+        for (int g = 0; g < GROUP; ++g) {
             const bf16_t* h = (const bf16_t*)__shfl_sync(0xffffffffu, (unsigned long long)my_h, item[g]);
             hv[g] = vec[g] >= 0 ? load_u128(h + (i64)vec[g] * 8) : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
-        for (int g = 0; g < DOWN_GROUP; ++g) {
+        for (int g = 0; g < GROUP; ++g) {
             float wf[8], hf[8];
             bf16x8_to_f32(wv[g], wf);
             bf16x8_to_f32(hv[g], hf);
@@ -384,14 +385,14 @@ SPK_DEVICE float down_row_single_token(int n, int part, int top_k, int hidden, c
 // grid.x: tiles of DOWN_ROWS output rows, for at most 32 tokens. Warp w of a block works on output row
 // w % DOWN_ROWS and takes part w / DOWN_ROWS of its items (every DOWN_SPLIT-th), so twice the warps stream
 // at once and each has half the serial chain of dependent loads. Lane m accumulates token m; every part
-// adds its terms in expert-sorted order, then the dense terms (at T = 1 in chunks: down_row_single_token);
-// the parts are summed in part order, then the existing output: a fixed order, so results are
+// adds its terms in expert-sorted order (at T = 1 in slot order, in chunks: down_row_single_token), then the
+// dense terms; the parts are summed in part order, then the existing output: a fixed order, so results are
 // deterministic.
-// SINGLE (T = 1) holds four blocks per SM (64 registers), so that Qwen3.5's 512 row tiles run in one wave
-// on the H100 where three per SM made 1.29 waves; the general path keeps three (85 registers: it spills
-// at 64).
-template <bool SINGLE>
-__global__ void __launch_bounds__(DOWN_ROWS * DOWN_SPLIT * 32, SINGLE ? 4 : 3) expert_down_kernel(
+// SINGLE_GROUP > 0: the T = 1 path with that many chunks in flight per warp. It holds four blocks per SM
+// (64 registers), so that Qwen3.5's 512 row tiles run in one wave on the H100 where three per SM made 1.29
+// waves; six chunks spill at 64. The general path (0) keeps three blocks (85 registers: it spills at 64).
+template <int SINGLE_GROUP>
+__global__ void __launch_bounds__(DOWN_ROWS * DOWN_SPLIT * 32, SINGLE_GROUP > 0 ? 4 : 3) expert_down_kernel(
     int tokens, int top_k, int hidden, const bf16_t* __restrict__ down, int inter, const int* __restrict__ topk_ids,
     const float* __restrict__ topk_weights, const int* __restrict__ expert_offsets,
     const int* __restrict__ sorted_slots, int num_slots, const bf16_t* __restrict__ h_routed,
@@ -410,10 +411,11 @@ __global__ void __launch_bounds__(DOWN_ROWS * DOWN_SPLIT * 32, SINGLE ? 4 : 3) e
     const int nt = tokens;
     float acc = 0.0f;
 
-    if (SINGLE) {
+    if constexpr (SINGLE_GROUP > 0) {
         if (row_ok)
-            acc = down_row_single_token(n, part, top_k, hidden, down, inter, topk_ids, topk_weights, sorted_slots,
-                                        h_routed, dense_down, dense_inter, h_dense, dense_gate);
+            acc = down_row_single_token<SINGLE_GROUP>(n, part, top_k, hidden, down, inter, topk_ids,
+                                                      topk_weights, h_routed, dense_down, dense_inter, h_dense,
+                                                      dense_gate);
     } else if (row_ok) {
         // The items are every routed slot in sorted order, then the dense FFN per token. Lanes fetch the
         // routing of 32 items at once, then the warp runs its items (positions part, part + DOWN_SPLIT, ...

@@ -880,6 +880,8 @@ unsafe fn launch_ffn(
         let mut down = c.routed.as_ref().map_or(0, |r| r.down.ptr);
         let mut d_down = c.dense.as_ref().map_or(0, |d| d.down.ptr);
         let mut prefetch_rows = down_prefetch_rows(device, tokens, c) as i32;
+        let mut dense_prefetch_rows =
+            if early_dense { dense_down_prefetch_rows(device, tokens, c) as i32 } else { prefetch_rows };
         let mut early = i32::from(early_dense);
         let mut route = route;
         let mut args = crate::kernel_args![
@@ -903,6 +905,7 @@ unsafe fn launch_ffn(
             down,
             d_down,
             prefetch_rows,
+            dense_prefetch_rows,
             early,
             route
         ];
@@ -1021,6 +1024,19 @@ fn down_prefetch_rows(device: &Device, tokens: usize, c: &FfnChecked) -> usize {
     let row_bytes = 2 * (routed_row + dense_row);
     let budget = device.info.l2_bytes.max(0) as usize / 8;
     budget.checked_div(row_bytes).unwrap_or(0).min(hidden)
+}
+
+/// Rows of the dense FFN's down weights that the decode gate/up kernel's dense column brings into L2 when
+/// it runs ahead of the routing (the block call, `early_dense`): at least the routed count
+/// (down_prefetch_rows), and all of them when they fit in a sixteenth of the L2. The dense column streams
+/// while the routed blocks wait for the router, when DRAM has room to spare; where it waits with them (the
+/// expert FFN op), the larger prefetch only competed with the gate/up rows (docs/PERF.md).
+fn dense_down_prefetch_rows(device: &Device, tokens: usize, c: &FfnChecked) -> usize {
+    let shared = down_prefetch_rows(device, tokens, c);
+    let Some(d) = c.dense.as_ref() else { return shared };
+    let budget = device.info.l2_bytes.max(0) as usize / 16;
+    let own = budget.checked_div(2 * d.inter).unwrap_or(0).min(c.x.cols);
+    shared.max(own)
 }
 
 /// Blocks of a grouped kernel's grid along x, from host bounds: every expert's tiles fit in

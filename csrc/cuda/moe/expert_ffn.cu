@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, MT == 1 ? 8 : 1) expert_gate_u
     int num_slots, bf16_t* __restrict__ h_routed, int tokens,
     const bf16_t* __restrict__ dense_gate_up, int dense_inter, const bf16_t* __restrict__ dense_gate_weight,
     bf16_t* __restrict__ h_dense, float* __restrict__ dense_gate, const bf16_t* __restrict__ down,
-    const bf16_t* __restrict__ dense_down, int prefetch_rows, int early_dense,
+    const bf16_t* __restrict__ dense_down, int prefetch_rows, int dense_prefetch_rows, int early_dense,
     const __grid_constant__ FusedRouting route) {
     constexpr int ROUTED_ROWS = MT == 1 ? GATE_UP_ROUTED_ROWS_T1 : 1;
     const bool dense_block = (int)blockIdx.x >= num_slots;
@@ -243,8 +243,8 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, MT == 1 ? 8 : 1) expert_gate_u
 
     // The dense FFN: every token, weight 1. The gate sigmoid(x . w_sg) of token t is computed by warp
     // t mod (warps in the dense column), so prefill spreads it over the column.
-    if (prefetch_rows > 0)
-        prefetch_l2_part(dense_down, (i64)prefetch_rows * dense_inter * 2, blockIdx.y, gridDim.y);
+    if (dense_prefetch_rows > 0)
+        prefetch_l2_part(dense_down, (i64)dense_prefetch_rows * dense_inter * 2, blockIdx.y, gridDim.y);
     if (dense_gate_weight != nullptr) {
         for (int t = row; t < tokens; t += gridDim.y * FFN_WARPS) {
             const float gate = dense_gate_of(x + (i64)t * x_row_stride, dense_gate_weight, hidden);

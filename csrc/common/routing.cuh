@@ -163,29 +163,18 @@ SPK_DEVICE void route_scores(const Selection& sel, int top_k, int scoring, bool 
     }
 }
 
-// The selection with PER_LANE experts per lane (the smallest of 1, 2, 4, 8, 16 with 32 PER_LANE >= experts,
-// as select_top_k picks), then route_scores: the routing of one token by a warp; returns the expert of
-// selection `lane`. Only that selection is compiled in (the top-k kernel is instantiated per PER_LANE),
-// which keeps the warp's code short: at one token the kernel is that warp's chain, and instruction fetch
-// was among its longest stalls.
-template <int PER_LANE>
-SPK_DEVICE int route_token(const float* __restrict__ logits_row, int experts, int top_k, int scoring,
-                           bool renormalize, const float* __restrict__ expert_scale, int* __restrict__ ids_row,
-                           float* __restrict__ weights_row) {
-    prefetch_expert_scale(expert_scale, experts);
-    const Selection sel = select_top_k_lanes<PER_LANE>(logits_row, experts, top_k, true);
-    route_scores(sel, top_k, scoring, renormalize, expert_scale, ids_row, weights_row);
-    return sel.id;
-}
-
 // Expert index of a single block's few slots (the top-k kernel's decode launch: at most 256), from the
 // ids in shared memory: slot s goes to position #{q : (id_q, q) < (id_s, s)} and expert e's offset is
 // #{q : id_q < e}. Each thread scans the slots once (broadcast shared reads), with no serial pass over
-// warps or experts and no shared counters to clear: the same order as build_index.
+// warps or experts and no shared counters to clear: the same order as build_index. Threads `first` and
+// up take part (the top-k kernel's single-token launch leaves warp 0 to the scores).
 SPK_DEVICE void build_index_small(const int* __restrict__ sh_ids, int num_slots, int experts,
                                   int* __restrict__ counts, int* __restrict__ offsets,
-                                  int* __restrict__ sorted_slots) {
-    for (int s = threadIdx.x; s < num_slots; s += blockDim.x) {
+                                  int* __restrict__ sorted_slots, int first = 0) {
+    const int tid = (int)threadIdx.x - first;
+    const int threads = (int)blockDim.x - first;
+    if (tid < 0) return;
+    for (int s = tid; s < num_slots; s += threads) {
         const int e = sh_ids[s];
         int rank = 0;
         for (int q = 0; q < num_slots; ++q) {
@@ -194,7 +183,7 @@ SPK_DEVICE void build_index_small(const int* __restrict__ sh_ids, int num_slots,
         }
         sorted_slots[rank] = s;
     }
-    for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+    for (int e = tid; e < experts; e += threads) {
         int below = 0, count = 0;
         for (int q = 0; q < num_slots; ++q) {
             const int eq = sh_ids[q];
@@ -204,6 +193,6 @@ SPK_DEVICE void build_index_small(const int* __restrict__ sh_ids, int num_slots,
         offsets[e] = below;
         counts[e] = count;
     }
-    if (threadIdx.x == 0) offsets[experts] = num_slots;
+    if (tid == 0) offsets[experts] = num_slots;
 }
 

@@ -332,8 +332,12 @@ constexpr int SMALL_INDEX_SLOTS = TOPK_WARPS * 16;
 // One warp per token. With a single block (T <= TOPK_WARPS, the decode case) the same launch also builds
 // the index from the ids it keeps in shared memory, saving a launch on the critical path; otherwise
 // expert_index_kernel follows. The decode launch may have fewer than TOPK_WARPS warps (one per token).
-// PER_LANE: experts per lane, as route_token says (ops::moe::topk_name). Launched with programmatic
-// dependent launch: nothing is read before pdl_wait().
+// PER_LANE: experts per lane (ops::moe::topk_name: the smallest of 1, 2, 4, 8, 16 with 32 PER_LANE >=
+// experts, as select_top_k picks). Only that selection is compiled in, which keeps the warp's code short:
+// at one token the kernel is that warp's chain, and instruction fetch was among its longest stalls. With
+// one token the block is warp 0 for the token and a thread per expert for the index (ops::moe), which is
+// built while warp 0 scores the selection, instead of after it. Launched with programmatic dependent
+// launch: nothing is read before pdl_wait().
 template <int PER_LANE>
 __global__ void __launch_bounds__(TOPK_WARPS * 32) topk_router_kernel(
     const float* __restrict__ logits, i64 logits_row_stride, int tokens, int experts, int top_k, int scoring,
@@ -347,15 +351,19 @@ __global__ void __launch_bounds__(TOPK_WARPS * 32) topk_router_kernel(
     pdl_wait();
     const int lane = threadIdx.x & 31;
     const int t = blockIdx.x * TOPK_WARPS + (threadIdx.x >> 5);
+    Selection sel;
     if (t < tokens) {
-        const int id = route_token<PER_LANE>(logits + (i64)t * logits_row_stride, experts, top_k, scoring,
-                                             renormalize != 0, expert_scale, topk_ids + (i64)t * top_k,
-                                             topk_weights + (i64)t * top_k);
-        if (build_index_here && lane < top_k) sh_ids[t * top_k + lane] = id;
+        prefetch_expert_scale(expert_scale, experts);
+        sel = select_top_k_lanes<PER_LANE>(logits + (i64)t * logits_row_stride, experts, top_k, true);
+        if (build_index_here && lane < top_k) sh_ids[t * top_k + lane] = sel.id;
     }
+    if (build_index_here) __syncthreads();
+    if (t < tokens)
+        route_scores(sel, top_k, scoring, renormalize != 0, expert_scale, topk_ids + (i64)t * top_k,
+                     topk_weights + (i64)t * top_k);
     if (build_index_here) {
-        __syncthreads();
-        build_index_small(sh_ids, tokens * top_k, experts, counts, offsets, sorted_slots);
+        const int index_from = tokens == 1 && blockDim.x > 32 ? 32 : 0;
+        build_index_small(sh_ids, tokens * top_k, experts, counts, offsets, sorted_slots, index_from);
     }
 }
 

@@ -433,19 +433,29 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
         stream_sync();
         if (i + S - 1 < my_tiles) issue_tile(tile_start(i + S - 1), (i + S - 1) % S);
 
-        // S = Q K^T for the 16 rows and the tile's 16 keys.
-        float sc[2][4];
+        // S = Q K^T for the 16 rows and the tile's 16 keys; up to D = 256 the even and odd k steps go into
+        // separate accumulators (two chains of D / 32 dependent MMAs per key half instead of one of D / 16),
+        // then added. At D = 512 the 8 more registers spill on sm_120.
+        constexpr bool QK_PAIRS = D <= 256;
+        float sc[2][4], sc_odd[2][4];
 #pragma unroll
         for (int n = 0; n < 2; ++n)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) sc[n][e] = 0.0f;
+            for (int e = 0; e < 4; ++e) sc[n][e] = sc_odd[n][e] = 0.0f;
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
             unsigned a[4], bk[4];
             ldmatrix_x4(a, &s.q[lane & 15][kk * 16 + (lane >> 4) * 8]);
             ldmatrix_x4(bk, swizzled_step(k_lane, kk * 2));
-            mma_bf16_16816(sc[0], a, bk[0], bk[1]);
-            mma_bf16_16816(sc[1], a, bk[2], bk[3]);
+            float (&acc)[2][4] = (QK_PAIRS && (kk & 1)) ? sc_odd : sc;
+            mma_bf16_16816(acc[0], a, bk[0], bk[1]);
+            mma_bf16_16816(acc[1], a, bk[2], bk[3]);
+        }
+        if constexpr (QK_PAIRS) {
+#pragma unroll
+            for (int n = 0; n < 2; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) sc[n][e] += sc_odd[n][e];
         }
 
         // Scale (log2 units), softcap, mask; online softmax per row (a row's 16 values sit in a quad's lanes).

@@ -452,7 +452,8 @@ unsafe fn launch_topk(device: &Device, c: &TopkChecked, stream: Stream) -> Resul
         crate::kernel_args![logits, ls, t, e, k, scoring, renorm, scale, ids, weights, counts, offsets, sorted, fused];
     let block = ((TOPK_WARPS * 32) as u32, 1, 1);
     // Decode: one warp per token (at least four, which share the index's per-expert loop); one token: warp
-    // 0 for the token, and a thread per expert for the index, built while warp 0 scores.
+    // 0 for the token, and a thread per expert for the index (up to TOPK_WARPS warps in all), built while
+    // warp 0 scores.
     let warps = if tokens == 1 { (1 + c.logits.cols.div_ceil(32)).min(TOPK_WARPS) } else { tokens.max(4) };
     let topk_block = if blocks == 1 { ((32 * warps) as u32, 1, 1) } else { block };
     device.launch_dependent(&kernel, (blocks as u32, 1, 1), topk_block, 0, stream.raw(), &mut args)?;

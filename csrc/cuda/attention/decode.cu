@@ -751,8 +751,9 @@ template <int D> __global__ void __launch_bounds__(COMBINE_THREADS) attention_co
         for (int w = 0; w < WARPS; ++w) sum += part[w][lane_v][j];
         o[j] = sum * inv;
     }
-    store_u128(p.out + (i64)b * p.out_stride_batch + (i64)t * p.out_stride_token + (i64)hq * p.out_stride_head + vec * 8,
-               f32_to_bf16x8(o));
+    store_u128(
+        p.out + (i64)b * p.out_stride_batch + (i64)t * p.out_stride_token + (i64)hq * p.out_stride_head + vec * 8,
+        f32_to_bf16x8(o));
     if (p.lse != nullptr && vec == 0) p.lse[row] = total > 0.0f ? mx + logf(total) : neg_inf();
 }
 

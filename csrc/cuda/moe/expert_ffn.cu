@@ -308,15 +308,16 @@ constexpr int DOWN_CHUNK = 32;
 // Part `part` of output row n at T = 1, summed over the warp (every lane gets it). The row's items (the k
 // routed slots in slot order, then the dense FFN: at most 17, one per lane) are cut into chunks of
 // DOWN_CHUNK vectors numbered item by item; the part takes chunks part, part + DOWN_SPLIT, ... and runs
-// them GROUP at a time with all their loads in flight (ops::moe::down_single_group picks 4 or 5). A long row (Gemma 4's dense down, 264 vectors)
-// is so spread over the parts and streamed several loads deep, where one item per group would stream it
-// one load per lane at a time. Each lane adds scale x its products in chunk order; one warp sum at the end.
+// them GROUP at a time with all their loads in flight (ops::moe::down_single_group picks 4 or 5). A long
+// row (Gemma 4's dense down, 264 vectors) is so spread over the parts and streamed several loads deep, where
+// one item per group would stream it one load per lane at a time. Each lane adds scale x its products in
+// chunk order; one warp sum at the end.
 template <int GROUP>
 SPK_DEVICE float down_row_single_token(int n, int part, int top_k, int hidden, const bf16_t* __restrict__ down,
                                        int inter, const int* __restrict__ topk_ids,
                                        const float* __restrict__ topk_weights, const bf16_t* __restrict__ h_routed,
-                                       const bf16_t* __restrict__ dense_down, int dense_inter, const bf16_t* __restrict__ h_dense,
-                                       const float* __restrict__ dense_gate) {
+                                       const bf16_t* __restrict__ dense_down, int dense_inter,
+                                       const bf16_t* __restrict__ h_dense, const float* __restrict__ dense_gate) {
     const int lane = threadIdx.x & 31;
     const int n_routed = top_k;
     const int n_items = n_routed + (dense_down != nullptr ? 1 : 0);

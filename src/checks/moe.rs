@@ -699,35 +699,14 @@ pub fn check_given_routing(ctx: &Context, stream: Stream, s: &MoeShape, ids: &[i
     let ws_bytes =
         ops::expert_ffn_workspace_size(tokens as i64, h as i64, k as i64, s.inter as i64, s.dense_inter as i64)?;
     let ws = guarded_workspace(ctx, ws_bytes)?;
-    let args = ExpertFfnArgs {
-        x: x_buf.ptr(),
-        x_row_stride: 0,
-        out: out_buf.ptr(),
-        out_row_stride: 0,
-        accumulate: false,
-        tokens: tokens as i64,
-        hidden: h as i64,
-        activation: s.activation(),
-        routed: Some(RoutedExperts {
-            gate_up: dw.gate_up.ptr(),
-            down: dw.down.ptr(),
-            experts: s.experts as i64,
-            inter: s.inter as i64,
-            top_k: k as i64,
-            topk_ids: ids_buf.ptr(),
-            topk_weights: weights_buf.ptr(),
-            expert_offsets: offsets_buf.ptr(),
-            sorted_slots: sorted_buf.ptr(),
-        }),
-        dense: (s.dense_inter > 0).then(|| DenseFfn {
-            gate_up: dw.dense_gate_up.ptr(),
-            down: dw.dense_down.ptr(),
-            inter: s.dense_inter as i64,
-            gate_weight: dw.dense_gate.as_ref().map_or(0, |g| g.ptr()),
-        }),
-        workspace: ws.ptr(),
-        workspace_bytes: ws_bytes,
-    };
+    // The block's expert FFN arguments, with this routing in place of the block's own.
+    let mut args = dw.block_args(s, tokens, (x_buf.ptr(), 0), (out_buf.ptr(), 0), false, (ws.ptr(), ws_bytes)).ffn;
+    if let Some(r) = args.routed.as_mut() {
+        r.topk_ids = ids_buf.ptr();
+        r.topk_weights = weights_buf.ptr();
+        r.expert_offsets = offsets_buf.ptr();
+        r.sorted_slots = sorted_buf.ptr();
+    }
     // Every address is a buffer allocated above with the extent the arguments describe.
     let (out, stray_writes) = unsafe { run_expert_ffn(ctx, stream, &args, &out_buf, &ws, tokens * h)? };
     let want: Vec<f32> =

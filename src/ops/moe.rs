@@ -279,14 +279,19 @@ unsafe fn launch_router(device: &Device, c: &RouterChecked, in_block: bool, stre
     let mut h = c.x.cols as i32;
     let mut trigger_first = i32::from(!in_block);
     let experts = c.weight.rows;
-    let mut gemv_args = crate::kernel_args![x, xs, w, scale, eps, logits, ls, t, e, h, trigger_first];
-    let mut mma_args = crate::kernel_args![x, xs, w, scale, eps, logits, ls, t, e, h];
-    let (grid, block, args): (_, _, &mut [*mut std::ffi::c_void]) = match which {
+    // The tensor-core router takes the same arguments but the last (it has no trigger choice).
+    let mut all_args = crate::kernel_args![x, xs, w, scale, eps, logits, ls, t, e, h, trigger_first];
+    let (grid, block, args) = match which {
         RouterKernel::Gemv => {
-            ((experts.div_ceil(ROUTER_WARPS) as u32, tokens as u32, 1), ROUTER_WARPS * 32, &mut gemv_args)
+            ((experts.div_ceil(ROUTER_WARPS) as u32, tokens as u32, 1), ROUTER_WARPS * 32, &mut all_args[..])
         }
         RouterKernel::Mma(mt) => {
-            ((experts.div_ceil(16) as u32, tokens.div_ceil(16 * mt) as u32, 1), ROUTER_MMA_WARPS * 32, &mut mma_args)
+            let n = all_args.len() - 1;
+            (
+                (experts.div_ceil(16) as u32, tokens.div_ceil(16 * mt) as u32, 1),
+                ROUTER_MMA_WARPS * 32,
+                &mut all_args[..n],
+            )
         }
     };
     // Programmatic dependent launch: the kernel brings its weight rows into L2, then waits for the kernel
@@ -882,9 +887,9 @@ unsafe fn launch_ffn(
         let kernel = device.kernel(&FFN_SOURCE, &gate_up_name(c.act, mt))?;
         let mut down = c.routed.as_ref().map_or(0, |r| r.down.ptr);
         let mut d_down = c.dense.as_ref().map_or(0, |d| d.down.ptr);
-        let mut prefetch_rows = down_prefetch_rows(device, tokens, c) as i32;
-        let mut dense_prefetch_rows =
-            if early_dense { dense_down_prefetch_rows(device, tokens, c) as i32 } else { prefetch_rows };
+        let routed_prefetch = down_prefetch_rows(device, tokens, c);
+        let mut prefetch_rows = routed_prefetch as i32;
+        let mut dense_prefetch_rows = dense_down_prefetch_rows(device, c, routed_prefetch, early_dense) as i32;
         let mut early = i32::from(early_dense);
         let mut route = route;
         let mut args = crate::kernel_args![
@@ -1029,17 +1034,16 @@ fn down_prefetch_rows(device: &Device, tokens: usize, c: &FfnChecked) -> usize {
     budget.checked_div(row_bytes).unwrap_or(0).min(hidden)
 }
 
-/// Rows of the dense FFN's down weights that the decode gate/up kernel's dense column brings into L2 when
-/// it runs ahead of the routing (the block call, `early_dense`): at least the routed count
-/// (down_prefetch_rows), and all of them when they fit in a sixteenth of the L2. The dense column streams
-/// while the routed blocks wait for the router, when DRAM has room to spare; where it waits with them (the
-/// expert FFN op), the larger prefetch only competed with the gate/up rows (docs/PERF.md).
-fn dense_down_prefetch_rows(device: &Device, tokens: usize, c: &FfnChecked) -> usize {
-    let shared = down_prefetch_rows(device, tokens, c);
-    let Some(d) = c.dense.as_ref() else { return shared };
+/// Rows of the dense FFN's down weights that the decode gate/up kernel's dense column brings into L2:
+/// `routed_rows` (down_prefetch_rows), or, when the column runs ahead of the routing (the block call,
+/// `early_dense`), all of them if they fit in a sixteenth of the L2. The dense column then streams while the
+/// routed blocks wait for the router, when DRAM has room to spare; where it waits with them (the expert FFN
+/// op), the larger prefetch only competed with the gate/up rows (docs/PERF.md).
+fn dense_down_prefetch_rows(device: &Device, c: &FfnChecked, routed_rows: usize, early_dense: bool) -> usize {
+    let Some(d) = c.dense.as_ref().filter(|_| early_dense) else { return routed_rows };
     let budget = device.info.l2_bytes.max(0) as usize / 16;
     let own = budget.checked_div(2 * d.inter).unwrap_or(0).min(c.x.cols);
-    shared.max(own)
+    routed_rows.max(own)
 }
 
 /// Blocks of a grouped kernel's grid along x, from host bounds: every expert's tiles fit in

@@ -19,6 +19,14 @@ SPK_DEVICE void cp_async_16(void* dst_shared, const void* src_global, bool valid
                  : "memory");
 }
 
+// As cp_async_16, and L2 fetches the whole aligned 256-byte block around the source: a row read in 128-byte
+// pieces, one k tile after another, then reaches DRAM as 256-byte requests.
+SPK_DEVICE void cp_async_16_l2_256(void* dst_shared, const void* src_global, bool valid) {
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;" ::"r"(shared_address(dst_shared)),
+                 "l"(src_global), "r"(valid ? 16 : 0)
+                 : "memory");
+}
+
 SPK_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 
 // Waits until at most N committed groups of this thread are still in flight.

@@ -626,7 +626,7 @@ SPK_DEVICE void grouped_mma(GroupedShared& s, int K, const bf16_t* dummy, float 
             const int k = kt * BK + c * 8;
             const bf16_t* src = s.b_rows[r];
             const bool ok = src != nullptr && k < K;
-            cp_async_16(&s.b[st][r][c * 8], ok ? src + k : dummy, ok);
+            cp_async_16_l2_256(&s.b[st][r][c * 8], ok ? src + k : dummy, ok);
         }
     };
 #pragma unroll

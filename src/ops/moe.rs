@@ -115,24 +115,47 @@ fn gate_up_name(act: Activation, mt: usize) -> KernelName {
     kernel_name!("expert_gate_up_kernel<{}, {mt}>", act_code(act))
 }
 
-fn grouped_gate_up_name(act: Activation) -> KernelName {
-    kernel_name!("grouped_gate_up_kernel<{}>", act_code(act))
+fn grouped_gate_up_name(act: Activation, bm: usize) -> KernelName {
+    kernel_name!("grouped_gate_up_kernel<{}, {bm}>", act_code(act))
 }
 
-/// Dynamic shared memory of a grouped kernel, as GroupedShared: GG_STAGES stages of GG_BM A rows and
-/// 2·GG_BN B rows of GG_BK + 8 bf16, three row-pointer arrays, two ints.
-fn grouped_shared_bytes() -> usize {
-    let stages = GG_STAGES * (GG_BM + 2 * GG_BN) * (GG_BK + 8) * 2;
-    let pointers = (GG_BM + 2 * GG_BN + GG_BM) * 8;
+fn grouped_down_name(bm: usize) -> KernelName {
+    kernel_name!("grouped_down_kernel<{bm}>")
+}
+
+/// Dynamic shared memory of a grouped kernel with `bm` tile rows, as GroupedShared: GG_STAGES stages of bm
+/// A rows and 2·GG_BN B rows of GG_BK + 8 bf16, three row-pointer arrays, two ints.
+fn grouped_shared_bytes(bm: usize) -> usize {
+    let stages = GG_STAGES * (bm + 2 * GG_BN) * (GG_BK + 8) * 2;
+    let pointers = (bm + 2 * GG_BN + bm) * 8;
     (stages + pointers + 8).next_multiple_of(8)
+}
+
+/// Tile rows of the grouped kernels for `tokens` tokens (GG_BM_CHOICES). With a mean of more than 48 and
+/// at most 96 slots per expert, about half the experts (at a mean of 64) would spill out of a 64-row
+/// tile into a second, nearly empty one, which streams the expert's weights through L2 and the SM again
+/// and repeats the MMA work; 96 rows hold them in one tile for the same MMA work. Elsewhere 64 wastes
+/// fewer rows. The dense FFN's tiles (every token) use the same size.
+fn grouped_rows(c: &FfnChecked, tokens: usize) -> usize {
+    c.routed.as_ref().map_or(64, |r| grouped_rows_for(tokens * r.top_k, r.experts))
+}
+
+/// grouped_rows for `slots` routed slots over `experts` experts.
+fn grouped_rows_for(slots: usize, experts: usize) -> usize {
+    if experts > 0 && (48 * experts + 1..=96 * experts).contains(&slots) {
+        96
+    } else {
+        64
+    }
 }
 
 /// From this many tokens on, the FFN runs as grouped GEMMs on tensor cores plus a combine; below, the
 /// decode kernels take every token in one pass (lane m of a down warp accumulates token m).
 const GROUPED_MIN_TOKENS: usize = 33;
-/// Tiles of the grouped kernels: GG_BM rows, GG_BN gate and GG_BN up columns (gate/up) or GD_BN output
-/// columns (down), GG_THREADS threads (GG_BM, GG_BN / 2 and GG_BN in the kernels).
-const GG_BM: usize = 64;
+/// Tiles of the grouped kernels: BM rows (one of GG_BM_CHOICES, see grouped_rows), GG_BN gate and GG_BN up
+/// columns (gate/up) or GD_BN output columns (down), GG_THREADS threads (GG_BN / 2 and GG_BN in the
+/// kernels).
+const GG_BM_CHOICES: [usize; 2] = [64, 96];
 const GG_BN: usize = 64;
 const GD_BN: usize = 128;
 const GG_STAGES: usize = 3;
@@ -147,8 +170,10 @@ fn ffn_instantiations() -> Vec<String> {
         .flat_map(|&a| GATE_UP_TILES.iter().map(move |&mt| gate_up_name(a, mt).to_string()))
         .collect();
     v.extend([0, 4, 5].map(|g| down_name(g).to_string()));
-    v.extend([Activation::Silu, Activation::GeluTanh].map(|a| grouped_gate_up_name(a).to_string()));
-    v.push("grouped_down_kernel".into());
+    for bm in GG_BM_CHOICES {
+        v.extend([Activation::Silu, Activation::GeluTanh].map(|a| grouped_gate_up_name(a, bm).to_string()));
+        v.push(grouped_down_name(bm).to_string());
+    }
     v.push("ffn_combine_kernel".into());
     v
 }
@@ -859,8 +884,9 @@ unsafe fn launch_ffn(
     let mut h_dense = ws + c.layout.h_dense as u64;
     let mut d_gate = ws + c.layout.dense_gate as u64;
     if tokens >= GROUPED_MIN_TOKENS {
-        let kernel = device.kernel(&FFN_SOURCE, &grouped_gate_up_name(c.act))?;
-        let shared = grouped_shared_bytes();
+        let bm = grouped_rows(c, tokens);
+        let kernel = device.kernel(&FFN_SOURCE, &grouped_gate_up_name(c.act, bm))?;
+        let shared = grouped_shared_bytes(bm);
         kernel.set_max_dynamic_shared(shared as u32)?;
         let mut experts = c.routed.as_ref().map_or(0, |r| r.experts) as i32;
         let mut args = crate::kernel_args![
@@ -881,7 +907,7 @@ unsafe fn launch_ffn(
             h_dense,
             d_gate
         ];
-        let grid = (grouped_tiles(c, tokens) as u32, r_inter.max(d_inter).div_ceil(GG_BN) as u32, 1);
+        let grid = (grouped_tiles(c, tokens, bm) as u32, r_inter.max(d_inter).div_ceil(GG_BN) as u32, 1);
         device.launch_dependent(&kernel, grid, (GG_THREADS as u32, 1, 1), shared as u32, stream.raw(), &mut args)?;
     } else {
         let kernel = device.kernel(&FFN_SOURCE, &gate_up_name(c.act, mt))?;
@@ -935,8 +961,9 @@ unsafe fn launch_ffn(
     let mut accumulate = i32::from(c.accumulate);
     if tokens >= GROUPED_MIN_TOKENS {
         // Down projection per slot into fp32 rows, then the fixed-order top-k sum.
-        let kernel = device.kernel(&FFN_SOURCE, "grouped_down_kernel")?;
-        let shared = grouped_shared_bytes();
+        let bm = grouped_rows(c, tokens);
+        let kernel = device.kernel(&FFN_SOURCE, &grouped_down_name(bm))?;
+        let shared = grouped_shared_bytes(bm);
         kernel.set_max_dynamic_shared(shared as u32)?;
         let mut experts = c.routed.as_ref().map_or(0, |r| r.experts) as i32;
         let mut y = ws + c.layout.y as u64;
@@ -955,7 +982,7 @@ unsafe fn launch_ffn(
             h_dense,
             y
         ];
-        let grid = (grouped_tiles(c, tokens) as u32, hidden.div_ceil(GD_BN) as u32, 1);
+        let grid = (grouped_tiles(c, tokens, bm) as u32, hidden.div_ceil(GD_BN) as u32, 1);
         device.launch_dependent(&kernel, grid, (GG_THREADS as u32, 1, 1), shared as u32, stream.raw(), &mut args)?;
 
         let kernel = device.kernel(&FFN_SOURCE, "ffn_combine_kernel")?;
@@ -1048,9 +1075,9 @@ fn dense_down_prefetch_rows(device: &Device, c: &FfnChecked, routed_rows: usize,
 
 /// Blocks of a grouped kernel's grid along x, from host bounds: every expert's tiles fit in
 /// ceil(T k / BM) + E, then the dense FFN's ceil(T / BM); blocks past the real tiles exit.
-fn grouped_tiles(c: &FfnChecked, tokens: usize) -> usize {
-    let routed = c.routed.as_ref().map_or(0, |r| (tokens * r.top_k).div_ceil(GG_BM) + r.experts);
-    let dense = if c.dense.is_some() { tokens.div_ceil(GG_BM) } else { 0 };
+fn grouped_tiles(c: &FfnChecked, tokens: usize, bm: usize) -> usize {
+    let routed = c.routed.as_ref().map_or(0, |r| (tokens * r.top_k).div_ceil(bm) + r.experts);
+    let dense = if c.dense.is_some() { tokens.div_ceil(bm) } else { 0 };
     routed + dense
 }
 
@@ -1356,6 +1383,23 @@ mod tests {
 
     /// Five chunks in flight only where they finish a row part in two rounds of loads instead of three:
     /// Qwen3.5's row (8 experts of 2 chunks, the shared expert's 2) yes, Gemma 4's (8 of 3, dense 9) no.
+    #[test]
+    fn grouped_tile_rows_follow_the_slots_per_expert() {
+        // Qwen3.5 (256 experts, top-8) at T = 64, 1536, 1537, 2048, 3072, 3073, 4096; Gemma 4 (128) at 1024.
+        for (tokens, experts, rows) in
+            [(64, 256, 64), (1536, 256, 64), (1537, 256, 96), (2048, 256, 96), (3072, 256, 96), (3073, 256, 64)]
+                .into_iter()
+                .chain([(4096, 256, 64), (1024, 128, 96), (2048, 128, 64)])
+        {
+            assert_eq!(grouped_rows_for(tokens * 8, experts), rows, "T={tokens} E={experts}");
+        }
+        assert_eq!(grouped_rows_for(0, 0), 64);
+        // Every choice fits the shared memory of a block on sm_120 / sm_121.
+        for bm in GG_BM_CHOICES {
+            assert!(grouped_shared_bytes(bm) <= 99 * 1024, "BM={bm}: {} bytes", grouped_shared_bytes(bm));
+        }
+    }
+
     #[test]
     fn single_token_down_group_follows_the_rounds() {
         for (chunks, group) in [(18, 5), (33, 4), (8, 4), (16, 4), (17, 5), (20, 5), (21, 4), (1, 4)] {

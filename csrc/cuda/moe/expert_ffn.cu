@@ -494,21 +494,22 @@ __global__ void __launch_bounds__(DOWN_ROWS * DOWN_SPLIT * 32, SINGLE_GROUP > 0 
 //   down:     y[slot]      = h[slot] . down_e^T   (fp32, one row per slot)  and y[slots + t] for the dense FFN
 //   combine:  out[t]       = bf16(sum_j w_tj y[t k + j] + gate_t y[slots + t] (+ out[t]))
 //
-// A block of a grouped kernel computes a GG_BM x GG_BN tile for one group: a routed expert (its rows are
-// GG_BM consecutive positions of its segment of the expert-sorted slot list) or the dense FFN (group
+// A block of a grouped kernel computes a BM x GG_BN tile for one group: a routed expert (its rows are
+// BM consecutive positions of its segment of the expert-sorted slot list) or the dense FFN (group
 // `experts`, rows are tokens). The grid is sized from host bounds: blockIdx.x enumerates the tiles of
-// every group (sum over experts of ceil(count / GG_BM) <= ceil(T k / GG_BM) + experts, then
-// ceil(T / GG_BM) dense tiles); warp 0 finds its block's group and tile from the offsets, and blocks past
+// every group (sum over experts of ceil(count / BM) <= ceil(T k / BM) + experts, then
+// ceil(T / BM) dense tiles); warp 0 finds its block's group and tile from the offsets, and blocks past
 // the last tile exit. Counts never leave the GPU. The per-slot fp32 rows of the down GEMM are summed by
 // the combine in slot order, so the top-k sum is in fp32 with one rounding and in a fixed order.
-// 4 warps in 2 x 2: warp (wm, wn) owns tile rows wm * 32 .. + 32 and B rows wn * 32 .. + 32 of each half
+// BM is 64 or 96 (ops::moe::grouped_rows picks it from the mean tokens per expert: 96 where an expert's
+// tokens would spill into a second, nearly empty 64-row tile that reads its weights again).
+// 4 warps in 2 x 2: warp (wm, wn) owns tile rows wm * BM / 2 .. + BM / 2 and B rows wn * 32 .. + 32 of each half
 // q of the B tile (gate_up: q = 0 gate, q = 1 up, the same 64 columns of the intermediate; down: 128
 // consecutive output columns). Shared rows are padded by 16 bytes to 144: the 8 rows an ldmatrix reads fall
 // in distinct banks.
 // ---------------------------------------------------------------------------------------------------------
 #include "common/mma.cuh"
 
-constexpr int GG_BM = 64;
 constexpr int GG_BN = 128;  // B rows per tile
 // k tiles of 64: each row of a stage is 128 contiguous bytes of one weight row, which streams from DRAM at
 // 85% of copy bandwidth at qwen3.5 T = 64 where 32 (64-byte pieces) reached 61%.
@@ -516,20 +517,22 @@ constexpr int GG_BK = 64;
 constexpr int GG_STAGES = 3;
 constexpr int GG_THREADS = 128;
 
-// Shared memory of a grouped kernel (dynamic, 83 KiB; ops::moe::grouped_shared_bytes computes the same
-// size): each stage holds GG_BK / 8 chunks of 16 bytes per row, rows padded by 16 bytes.
-struct GroupedShared {
+// Shared memory of a grouped kernel (dynamic, 83 KiB at BM = 64, 97 KiB at 96; ops::moe::grouped_shared_bytes
+// computes the same size): each stage holds GG_BK / 8 chunks of 16 bytes per row, rows padded by 16 bytes.
+template <int BM> struct GroupedShared {
+    static_assert(BM == 64 || BM == 96, "tile rows: two warp rows of 2 or 3 m16 tiles");
     static constexpr int LD = GG_BK + 8;
-    bf16_t a[GG_STAGES][GG_BM][LD];
+    bf16_t a[GG_STAGES][BM][LD];
     bf16_t b[GG_STAGES][GG_BN][LD];
-    const bf16_t* a_rows[GG_BM];  // nullptr: row past the group's end (zero-filled)
+    const bf16_t* a_rows[BM];     // nullptr: row past the group's end (zero-filled)
     const bf16_t* b_rows[GG_BN];  // nullptr: column past the end (zero-filled)
-    void* out_rows[GG_BM];        // the epilogue's destination row of each tile row
+    void* out_rows[BM];           // the epilogue's destination row of each tile row
     int group, tile;
 };
 
 // Warp 0 of the block: sets s.group / s.tile of block b (group -1: no tile, the block exits).
-SPK_DEVICE void grouped_find_tile(GroupedShared& s, const int* __restrict__ expert_offsets, int experts, bool dense,
+template <int BM>
+SPK_DEVICE void grouped_find_tile(GroupedShared<BM>& s, const int* __restrict__ expert_offsets, int experts, bool dense,
                                   int tokens, int b) {
     const int lane = threadIdx.x & 31;
     // Tiles of experts e0 .. e0 + 31 by a warp scan, until the running total passes b.
@@ -537,7 +540,7 @@ SPK_DEVICE void grouped_find_tile(GroupedShared& s, const int* __restrict__ expe
     for (int e0 = 0; e0 < experts && base <= b; e0 += 32) {
         const int e = e0 + lane;
         const int cnt = e < experts ? expert_offsets[e + 1] - expert_offsets[e] : 0;
-        const int nt = (cnt + GG_BM - 1) / GG_BM;
+        const int nt = (cnt + BM - 1) / BM;
         int incl = nt;
 #pragma unroll
         for (int off = 1; off < 32; off <<= 1) {
@@ -559,7 +562,7 @@ SPK_DEVICE void grouped_find_tile(GroupedShared& s, const int* __restrict__ expe
     } else {
         // No routed tile: base is the routed total (the loop ran over every expert).
         tile = b - base;
-        group = (dense && tile * GG_BM < tokens) ? experts : -1;
+        group = (dense && tile * BM < tokens) ? experts : -1;
     }
     if (lane == 0) {
         s.group = group;
@@ -568,13 +571,13 @@ SPK_DEVICE void grouped_find_tile(GroupedShared& s, const int* __restrict__ expe
 }
 
 // The dynamic shared memory of a grouped kernel, checked against the launch's size.
-SPK_DEVICE GroupedShared& grouped_shared() {
+template <int BM> SPK_DEVICE GroupedShared<BM>& grouped_shared() {
     extern __shared__ uint4 shared_raw[];
-    if (dynamic_shared_bytes() < sizeof(GroupedShared)) __trap();
-    return *reinterpret_cast<GroupedShared*>(shared_raw);
+    if (dynamic_shared_bytes() < sizeof(GroupedShared<BM>)) __trap();
+    return *reinterpret_cast<GroupedShared<BM>*>(shared_raw);
 }
 
-// The rows of a block's tile: positions [p0, min(p0 + GG_BM, end)) of a routed expert's segment of the
+// The rows of a block's tile: positions [p0, min(p0 + BM, end)) of a routed expert's segment of the
 // sorted slots, or tokens of the dense FFN; group < 0: the block has no tile.
 struct GroupedRange {
     int group;
@@ -584,7 +587,8 @@ struct GroupedRange {
 
 // Finds this block's tile (warp 0) and publishes it to the block; reads the offsets, so it runs after
 // pdl_wait().
-SPK_DEVICE GroupedRange grouped_range(GroupedShared& s, const int* __restrict__ expert_offsets, int experts,
+template <int BM>
+SPK_DEVICE GroupedRange grouped_range(GroupedShared<BM>& s, const int* __restrict__ expert_offsets, int experts,
                                       bool dense, int tokens) {
     if ((threadIdx.x >> 5) == 0) grouped_find_tile(s, expert_offsets, experts, dense, tokens, blockIdx.x);
     __syncthreads();
@@ -593,7 +597,7 @@ SPK_DEVICE GroupedRange grouped_range(GroupedShared& s, const int* __restrict__ 
     g.routed = g.group < experts;
     g.p0 = g.end = 0;
     if (g.group < 0) return g;
-    g.p0 = (g.routed ? expert_offsets[g.group] : 0) + s.tile * GG_BM;
+    g.p0 = (g.routed ? expert_offsets[g.group] : 0) + s.tile * BM;
     g.end = g.routed ? expert_offsets[g.group + 1] : tokens;
     return g;
 }
@@ -601,17 +605,19 @@ SPK_DEVICE GroupedRange grouped_range(GroupedShared& s, const int* __restrict__ 
 // acc[q][mi][ni][f] += A . B^T over k in [0, K) for the tile rows s.a_rows and B rows s.b_rows (both
 // set and published by a barrier before the call); `dummy` is any valid global address (the source of
 // zero-filled copies). K is a multiple of 8.
-SPK_DEVICE void grouped_mma(GroupedShared& s, int K, const bf16_t* dummy, float (&acc)[2][2][4][4]) {
+template <int BM>
+SPK_DEVICE void grouped_mma(GroupedShared<BM>& s, int K, const bf16_t* dummy, float (&acc)[2][BM / 32][4][4]) {
+    constexpr int MI = BM / 32;  // m16 tiles per warp
     constexpr int BK = GG_BK;
     constexpr int CH = BK / 8;  // 16-byte chunks per row and stage
     const int tid = threadIdx.x;
     const int lane = tid & 31;
     const int warp = tid >> 5;
     const int num_k = (K + BK - 1) / BK;
-    // Stage st <- k tile kt: A is 64 rows x CH chunks of 16 bytes, B 128 rows x CH chunks.
+    // Stage st <- k tile kt: A is BM rows x CH chunks of 16 bytes, B 128 rows x CH chunks.
     auto load_tile = [&](int st, int kt) {
 #pragma unroll
-        for (int i = 0; i < GG_BM * CH / GG_THREADS; ++i) {
+        for (int i = 0; i < BM * CH / GG_THREADS; ++i) {
             const int idx = tid + i * GG_THREADS;
             const int r = idx / CH, c = idx % CH;
             const int k = kt * BK + c * 8;
@@ -646,10 +652,10 @@ SPK_DEVICE void grouped_mma(GroupedShared& s, int K, const bf16_t* dummy, float 
         const int st = kt % GG_STAGES;
 #pragma unroll
         for (int kk = 0; kk < BK / 16; ++kk) {
-            unsigned a[2][4];
+            unsigned a[MI][4];
 #pragma unroll
-            for (int mi = 0; mi < 2; ++mi)
-                ldmatrix_x4(a[mi], &s.a[st][wm * 32 + mi * 16 + (lane & 15)][kk * 16 + (lane >> 4) * 8]);
+            for (int mi = 0; mi < MI; ++mi)
+                ldmatrix_x4(a[mi], &s.a[st][wm * (BM / 2) + mi * 16 + (lane & 15)][kk * 16 + (lane >> 4) * 8]);
 #pragma unroll
             for (int q = 0; q < 2; ++q) {
 #pragma unroll
@@ -658,7 +664,7 @@ SPK_DEVICE void grouped_mma(GroupedShared& s, int K, const bf16_t* dummy, float 
                     const int row = q * (GG_BN / 2) + wn * 32 + nj * 16 + ((lane >> 4) << 3) + (lane & 7);
                     ldmatrix_x4(bq, &s.b[st][row][kk * 16 + ((lane >> 3) & 1) * 8]);
 #pragma unroll
-                    for (int mi = 0; mi < 2; ++mi) {
+                    for (int mi = 0; mi < MI; ++mi) {
                         mma_bf16_16816(acc[q][mi][nj * 2], a[mi], bq[0], bq[1]);
                         mma_bf16_16816(acc[q][mi][nj * 2 + 1], a[mi], bq[2], bq[3]);
                     }
@@ -669,11 +675,11 @@ SPK_DEVICE void grouped_mma(GroupedShared& s, int K, const bf16_t* dummy, float 
     cp_async_wait<0>();
 }
 
-SPK_DEVICE void zero_acc(float (&acc)[2][2][4][4]) {
+template <int MI> SPK_DEVICE void zero_acc(float (&acc)[2][MI][4][4]) {
 #pragma unroll
     for (int q = 0; q < 2; ++q)
 #pragma unroll
-        for (int mi = 0; mi < 2; ++mi)
+        for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
             for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
@@ -683,13 +689,14 @@ SPK_DEVICE void zero_acc(float (&acc)[2][2][4][4]) {
 // grid.x: the group tiles (see above); grid.y: tiles of GG_BN / 2 intermediate columns, sized for the
 // larger intermediate. The B tile is the gate rows [n0, n0 + 64) and the up rows [inter + n0, ...) of the
 // group's weights, so the epilogue has gate and up of the same element in one thread.
-template <int ACT>
+template <int ACT, int BM>
 __global__ void __launch_bounds__(GG_THREADS) grouped_gate_up_kernel(
     const bf16_t* __restrict__ x, i64 x_row_stride, int top_k, int hidden, const bf16_t* __restrict__ gate_up,
     int inter, const int* __restrict__ expert_offsets, const int* __restrict__ sorted_slots, int experts,
     bf16_t* __restrict__ h_routed, int tokens, const bf16_t* __restrict__ dense_gate_up, int dense_inter,
     const bf16_t* __restrict__ dense_gate_weight, bf16_t* __restrict__ h_dense, float* __restrict__ dense_gate) {
-    GroupedShared& s = grouped_shared();
+    constexpr int MI = BM / 32;
+    GroupedShared<BM>& s = grouped_shared<BM>();
     bf16_t** h_rows = reinterpret_cast<bf16_t**>(s.out_rows);
     // Launched with programmatic dependent launch: the routing is written by the kernel before this one.
     pdl_wait();
@@ -707,7 +714,7 @@ __global__ void __launch_bounds__(GG_THREADS) grouped_gate_up_kernel(
 
     if (!routed && blockIdx.y == 0 && dense_gate_weight != nullptr) {
         // The dense gate sigmoid(x . w_sg) of this tile's tokens, a warp per token.
-        for (int m = warp; m < min(GG_BM, end - p0); m += GG_THREADS / 32) {
+        for (int m = warp; m < min(BM, end - p0); m += GG_THREADS / 32) {
             const int t = p0 + m;
             const float gate = dense_gate_of(x + (i64)t * x_row_stride, dense_gate_weight, hidden);
             if (lane == 0) dense_gate[t] = gate;
@@ -715,7 +722,7 @@ __global__ void __launch_bounds__(GG_THREADS) grouped_gate_up_kernel(
     }
     if (n0 >= I) return;
 
-    for (int r = tid; r < GG_BM; r += GG_THREADS) {
+    for (int r = tid; r < BM; r += GG_THREADS) {
         const int p = p0 + r;
         const bf16_t* a = nullptr;
         bf16_t* h = nullptr;
@@ -738,16 +745,16 @@ __global__ void __launch_bounds__(GG_THREADS) grouped_gate_up_kernel(
     }
     __syncthreads();
 
-    float acc[2][2][4][4];  // [gate/up][mi][ni][fragment]
+    float acc[2][MI][4][4];  // [gate/up][mi][ni][fragment]
     zero_acc(acc);
     grouped_mma(s, hidden, x, acc);
 
     const int wm = warp & 1, wn = warp >> 1;
 #pragma unroll
-    for (int mi = 0; mi < 2; ++mi) {
+    for (int mi = 0; mi < MI; ++mi) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-            const int r = wm * 32 + mi * 16 + (lane >> 2) + half * 8;
+            const int r = wm * (BM / 2) + mi * 16 + (lane >> 2) + half * 8;
             bf16_t* h = h_rows[r];
             if (h == nullptr) continue;
 #pragma unroll
@@ -766,12 +773,14 @@ __global__ void __launch_bounds__(GG_THREADS) grouped_gate_up_kernel(
 
 // grid.x: the group tiles (see above); grid.y: tiles of GG_BN output columns. y has hidden columns; the
 // row of routed slot s is s, the dense row of token t is num_slots + t.
+template <int BM>
 __global__ void __launch_bounds__(GG_THREADS) grouped_down_kernel(
     int hidden, const bf16_t* __restrict__ down, int inter, const int* __restrict__ expert_offsets,
     const int* __restrict__ sorted_slots, int experts, int num_slots, const bf16_t* __restrict__ h_routed,
     int tokens, const bf16_t* __restrict__ dense_down, int dense_inter, const bf16_t* __restrict__ h_dense,
     float* __restrict__ y) {
-    GroupedShared& s = grouped_shared();
+    constexpr int MI = BM / 32;
+    GroupedShared<BM>& s = grouped_shared<BM>();
     float** y_rows = reinterpret_cast<float**>(s.out_rows);
     // Launched with programmatic dependent launch: h comes from the kernel before this one.
     pdl_wait();
@@ -787,7 +796,7 @@ __global__ void __launch_bounds__(GG_THREADS) grouped_down_kernel(
     const bf16_t* w = routed ? down + (i64)group * hidden * inter : dense_down;
     const int n0 = blockIdx.y * GG_BN;
 
-    for (int r = tid; r < GG_BM; r += GG_THREADS) {
+    for (int r = tid; r < BM; r += GG_THREADS) {
         const int p = p0 + r;
         const bf16_t* a = nullptr;
         float* yr = nullptr;
@@ -805,16 +814,16 @@ __global__ void __launch_bounds__(GG_THREADS) grouped_down_kernel(
     }
     __syncthreads();
 
-    float acc[2][2][4][4];  // [column half][mi][ni][fragment]
+    float acc[2][MI][4][4];  // [column half][mi][ni][fragment]
     zero_acc(acc);
     grouped_mma(s, K, w, acc);
 
     const int wm = warp & 1, wn = warp >> 1;
 #pragma unroll
-    for (int mi = 0; mi < 2; ++mi) {
+    for (int mi = 0; mi < MI; ++mi) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-            const int r = wm * 32 + mi * 16 + (lane >> 2) + half * 8;
+            const int r = wm * (BM / 2) + mi * 16 + (lane >> 2) + half * 8;
             float* yr = y_rows[r];
             if (yr == nullptr) continue;
 #pragma unroll

@@ -1003,7 +1003,6 @@ unsafe fn launch_ffn(
         inter,
         ids,
         weights,
-        offsets,
         sorted,
         slots,
         h_routed,

@@ -395,10 +395,10 @@ SPK_DEVICE float down_row_single_token(int n, int part, int top_k, int hidden, c
 template <int SINGLE_GROUP>
 __global__ void __launch_bounds__(DOWN_ROWS * DOWN_SPLIT * 32, SINGLE_GROUP > 0 ? 4 : 3) expert_down_kernel(
     int tokens, int top_k, int hidden, const bf16_t* __restrict__ down, int inter, const int* __restrict__ topk_ids,
-    const float* __restrict__ topk_weights, const int* __restrict__ expert_offsets,
-    const int* __restrict__ sorted_slots, int num_slots, const bf16_t* __restrict__ h_routed,
-    const bf16_t* __restrict__ dense_down, int dense_inter, const bf16_t* __restrict__ h_dense,
-    const float* __restrict__ dense_gate, bf16_t* __restrict__ out, i64 out_row_stride, int accumulate) {
+    const float* __restrict__ topk_weights, const int* __restrict__ sorted_slots, int num_slots,
+    const bf16_t* __restrict__ h_routed, const bf16_t* __restrict__ dense_down, int dense_inter,
+    const bf16_t* __restrict__ h_dense, const float* __restrict__ dense_gate, bf16_t* __restrict__ out,
+    i64 out_row_stride, int accumulate) {
     __shared__ float partial[DOWN_SPLIT][DOWN_ROWS][32];
     // Launched with programmatic dependent launch: h and the routing come from the kernels before this one.
     pdl_wait();

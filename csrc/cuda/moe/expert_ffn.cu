@@ -614,25 +614,35 @@ SPK_DEVICE void grouped_mma(GroupedShared<BM>& s, int K, const bf16_t* dummy, fl
     const int lane = tid & 31;
     const int warp = tid >> 5;
     const int num_k = (K + BK - 1) / BK;
-    // Stage st <- k tile kt: A is BM rows x CH chunks of 16 bytes, B 128 rows x CH chunks.
-    auto load_tile = [&](int st, int kt) {
+    // Stage st <- k tile kt: A is BM rows x CH chunks of 16 bytes, B 128 rows x CH chunks. A thread copies
+    // chunk c = tid % CH of rows tid / CH + i GG_THREADS / CH, the same for every k tile: its source
+    // pointers (at the chunk, nullptr for a zero-filled row) are read from shared memory once.
+    constexpr int AI = BM * CH / GG_THREADS, BI = GG_BN * CH / GG_THREADS, RS = GG_THREADS / CH;
+    const int c = tid % CH, r0 = tid / CH;
+    const bf16_t* a_src[AI];
+    const bf16_t* b_src[BI];
 #pragma unroll
-        for (int i = 0; i < BM * CH / GG_THREADS; ++i) {
-            const int idx = tid + i * GG_THREADS;
-            const int r = idx / CH, c = idx % CH;
-            const int k = kt * BK + c * 8;
-            const bf16_t* src = s.a_rows[r];
-            const bool ok = src != nullptr && k < K;
-            cp_async_16(&s.a[st][r][c * 8], ok ? src + k : dummy, ok);
+    for (int i = 0; i < AI; ++i) {
+        const bf16_t* src = s.a_rows[r0 + i * RS];
+        a_src[i] = src != nullptr ? src + c * 8 : nullptr;
+    }
+#pragma unroll
+    for (int i = 0; i < BI; ++i) {
+        const bf16_t* src = s.b_rows[r0 + i * RS];
+        b_src[i] = src != nullptr ? src + c * 8 : nullptr;
+    }
+    auto load_tile = [&](int st, int kt) {
+        const int k = kt * BK;
+        const bool k_ok = k + c * 8 < K;
+#pragma unroll
+        for (int i = 0; i < AI; ++i) {
+            const bool ok = a_src[i] != nullptr && k_ok;
+            cp_async_16(&s.a[st][r0 + i * RS][c * 8], ok ? a_src[i] + k : dummy, ok);
         }
 #pragma unroll
-        for (int i = 0; i < GG_BN * CH / GG_THREADS; ++i) {
-            const int idx = tid + i * GG_THREADS;
-            const int r = idx / CH, c = idx % CH;
-            const int k = kt * BK + c * 8;
-            const bf16_t* src = s.b_rows[r];
-            const bool ok = src != nullptr && k < K;
-            cp_async_16_l2_256(&s.b[st][r][c * 8], ok ? src + k : dummy, ok);
+        for (int i = 0; i < BI; ++i) {
+            const bool ok = b_src[i] != nullptr && k_ok;
+            cp_async_16_l2_256(&s.b[st][r0 + i * RS][c * 8], ok ? b_src[i] + k : dummy, ok);
         }
     };
 #pragma unroll

@@ -1,7 +1,8 @@
 //! The MoE ops on a CUDA GPU against the CPU reference, on fresh random inputs with poisoned outputs:
 //! the whole block at both model shapes and T = 1 … 4096, routing patterns (all tokens tied on the same
 //! experts, experts without tokens, concentrated routing), NaN inputs, the top-k router alone, the dense
-//! FFN alone, the expert FFN with a caller's routing that names an expert twice, and the block captured in a CUDA graph (global capture mode) replayed with new inputs.
+//! FFN alone, the expert FFN with a caller's routing that names an expert twice, and the block captured in
+//! a CUDA graph (global capture mode) replayed with new inputs.
 //! Every failure names the case, the seed and the numbers.
 //!
 //! With SPARKINFER_TEST_SMALL set (compute-sanitizer runs, where kernels are 10–100× slower) each test keeps

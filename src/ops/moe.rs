@@ -52,6 +52,8 @@ const GATE_UP_ROUTED_ROWS_T1: usize = 2;
 /// Output rows per block and warps per output row of the down kernel (DOWN_ROWS, DOWN_SPLIT).
 const DOWN_ROWS: usize = 4;
 const DOWN_SPLIT: usize = 2;
+/// Vectors of 8 elements per chunk of the single-token down path (DOWN_CHUNK).
+const DOWN_CHUNK: usize = 32;
 
 fn token_tile(tokens: usize) -> usize {
     tokens.min(16).next_power_of_two()
@@ -865,6 +867,8 @@ unsafe fn launch_ffn(
     let (r_inter, r_top_k, num_slots) = c.routed.as_ref().map_or((0, 0, 0), |r| (r.inter, r.top_k, tokens * r.top_k));
     let d_inter = c.dense.as_ref().map_or(0, |d| d.inter);
     let mt = token_tile(tokens).min(8);
+    // Tile rows of the grouped gate/up and down (T >= GROUPED_MIN_TOKENS).
+    let bm = grouped_rows(c, tokens);
 
     let mut x = c.x.ptr;
     let mut xs = c.x.row_stride as i64;
@@ -884,7 +888,6 @@ unsafe fn launch_ffn(
     let mut h_dense = ws + c.layout.h_dense as u64;
     let mut d_gate = ws + c.layout.dense_gate as u64;
     if tokens >= GROUPED_MIN_TOKENS {
-        let bm = grouped_rows(c, tokens);
         let kernel = device.kernel(&FFN_SOURCE, &grouped_gate_up_name(c.act, bm))?;
         let shared = grouped_shared_bytes(bm);
         kernel.set_max_dynamic_shared(shared as u32)?;
@@ -961,7 +964,6 @@ unsafe fn launch_ffn(
     let mut accumulate = i32::from(c.accumulate);
     if tokens >= GROUPED_MIN_TOKENS {
         // Down projection per slot into fp32 rows, then the fixed-order top-k sum.
-        let bm = grouped_rows(c, tokens);
         let kernel = device.kernel(&FFN_SOURCE, &grouped_down_name(bm))?;
         let shared = grouped_shared_bytes(bm);
         kernel.set_max_dynamic_shared(shared as u32)?;
@@ -1030,9 +1032,8 @@ fn down_name(group: usize) -> KernelName {
 /// bytes per part) ran 0.5 µs faster with 5; Gemma 4 (17 chunks, four rounds instead of five) 1.5 µs
 /// slower (docs/PERF.md).
 fn down_single_group(c: &FfnChecked) -> usize {
-    const CHUNK_ELEMS: usize = 8 * 32; // DOWN_CHUNK vectors of 8
-    let routed = c.routed.as_ref().map_or(0, |r| r.top_k * r.inter.div_ceil(CHUNK_ELEMS));
-    let dense = c.dense.as_ref().map_or(0, |d| d.inter.div_ceil(CHUNK_ELEMS));
+    let routed = c.routed.as_ref().map_or(0, |r| r.top_k * r.inter.div_ceil(8 * DOWN_CHUNK));
+    let dense = c.dense.as_ref().map_or(0, |d| d.inter.div_ceil(8 * DOWN_CHUNK));
     group_for_chunks(routed + dense)
 }
 
@@ -1380,8 +1381,8 @@ mod tests {
         }
     }
 
-    /// Five chunks in flight only where they finish a row part in two rounds of loads instead of three:
-    /// Qwen3.5's row (8 experts of 2 chunks, the shared expert's 2) yes, Gemma 4's (8 of 3, dense 9) no.
+    /// 96 tile rows exactly where experts average more than 48 and at most 96 slots, and every choice fits
+    /// a block's shared memory on sm_120.
     #[test]
     fn grouped_tile_rows_follow_the_slots_per_expert() {
         // Qwen3.5 (256 experts, top-8) at T = 64, 1536, 1537, 2048, 3072, 3073, 4096; Gemma 4 (128) at 1024.
@@ -1399,6 +1400,8 @@ mod tests {
         }
     }
 
+    /// Five chunks in flight only where they finish a row part in two rounds of loads instead of three:
+    /// Qwen3.5's row (8 experts of 2 chunks, the shared expert's 2) yes, Gemma 4's (8 of 3, dense 9) no.
     #[test]
     fn single_token_down_group_follows_the_rounds() {
         for (chunks, group) in [(18, 5), (33, 4), (8, 4), (16, 4), (17, 5), (20, 5), (21, 4), (1, 4)] {

@@ -56,14 +56,54 @@ const COMBINE_LANES: usize = 4;
 const MMA_ROWS: usize = 16;
 /// Keys per warp tile of the tensor-core kernel (DecodeMma::N).
 const MMA_TILE_KEYS: usize = 16;
-/// CTAs per SM the tensor-core kernel's split count aims for: H100 holds 3 of its ≤ 75 KiB blocks, 2 of
-/// the 81 KiB ones of D = 512.
-fn mma_ctas_per_sm(d: usize) -> usize {
-    if decode_mma_shared_bytes(d) > 75 * 1024 {
-        2
-    } else {
-        3
+/// Most CTAs per SM the split count of the tensor-core kernel plans for: the 3 that the H100 holds of the
+/// ≤ 75 KiB blocks of D = 128 and 256, as measured; D = 64 would fit 4 by shared memory, a plan not measured.
+const MAX_CTAS_PER_SM: usize = 3;
+
+/// The machine a decode plan is made for: its SM count, the shared memory of one SM and what each resident
+/// block reserves of it.
+#[derive(Clone, Copy, Debug)]
+struct Machine {
+    sms: usize,
+    shared_per_sm: usize,
+    reserved_per_block: usize,
+}
+
+impl Machine {
+    /// The CPU backend runs no kernel: any machine gives the same (unused) plan.
+    const CPU: Machine = Machine { sms: 1, shared_per_sm: 0, reserved_per_block: 0 };
+
+    fn of(device: &crate::runtime::Device) -> Machine {
+        let info = &device.info;
+        Machine {
+            sms: info.sm_count.max(1) as usize,
+            shared_per_sm: info.max_shared_per_sm.max(0) as usize,
+            reserved_per_block: info.reserved_shared_per_block.max(0) as usize,
+        }
     }
+
+    /// Decode CTAs of head dim `d` resident on one SM at once, by shared memory (1 to MAX_CTAS_PER_SM):
+    /// 3 for D ≤ 256 and 2 for D = 512 on the H100's 228 KiB, 1 on sm_120's 100 KiB.
+    fn decode_ctas_per_sm(&self, d: usize) -> usize {
+        let per_block = decode_mma_shared_bytes(d) + self.reserved_per_block;
+        (self.shared_per_sm / per_block).clamp(1, MAX_CTAS_PER_SM)
+    }
+}
+
+/// Splits of the key range of each of `units` (sequence, KV head, row chunk) units and tiles per split,
+/// for a key range of `tiles` tiles (a tile: MMA_TILE_KEYS keys per stream of a CTA), on `sms` SMs that
+/// each hold `ctas_per_sm` decode CTAs.
+///
+/// As many splits as fill every resident slot in one wave, rounded down (at B = 64, 4K a fourth split
+/// made 1.29 waves, and the 0.29 ran as a tail at a fraction of the bandwidth), at most one per tile and
+/// MAX_SPLITS; the tiles are then spread evenly. Filling the slots beats balancing the SMs: 256 CTAs of 8
+/// tiles at Qwen3.5 ctx 32768 (at most 16 tiles per SM) measured no faster than 342 of 6 (18 on 78 SMs),
+/// and the generic shape and the batched rows ran 4-10% slower with fewer CTAs per SM (docs/PERF.md).
+fn split_plan(tiles: usize, units: usize, sms: usize, ctas_per_sm: usize) -> (usize, usize) {
+    let (tiles, units) = (tiles.max(1), units.max(1));
+    let wanted = ((ctas_per_sm * sms) / units).clamp(1, tiles.min(MAX_SPLITS));
+    let chunk = tiles.div_ceil(wanted);
+    (tiles.div_ceil(chunk), chunk)
 }
 /// Shared memory a block may use on sm_120 / sm_121; every decode variant stays below it.
 const SHARED_LIMIT: usize = 99 * 1024;
@@ -338,7 +378,7 @@ fn check_cache(
     Ok(())
 }
 
-fn validate(a: &DecodeArgs, sm_count: usize, max_q_len: i64) -> Result<Plan> {
+fn validate(a: &DecodeArgs, machine: Machine, max_q_len: i64) -> Result<Plan> {
     let d = a.head_dim;
     if !HEAD_DIMS.contains(&(d as usize)) || d <= 0 {
         return Err(Error::unsupported(format!("head_dim: {d} has no kernel; supported: 64, 128, 256, 512")));
@@ -413,24 +453,18 @@ fn validate(a: &DecodeArgs, sm_count: usize, max_q_len: i64) -> Result<Plan> {
 
     let rows_total = group * q_len;
     let row_chunks = rows_total.div_ceil(MMA_ROWS);
-    // Split the key range a sequence can have so that the grid fills mma_ctas_per_sm blocks per SM in one
-    // wave (rounding the split count down: at B=64 a fourth split made 1.29 waves, and the 0.29 ran as a
-    // tail at a fraction of the bandwidth); a split holds at least one tile per stream (so that a short
-    // context is fetched in one round trip) and whole tiles. With a window the range is the window of the
-    // first new token and the last, and starts at the first visible key rounded down to a tile (up to
-    // MMA_TILE_KEYS - 1 keys more).
-    let (keys, ctas_per_sm) = (mma_streams(d) * MMA_TILE_KEYS, mma_ctas_per_sm(d));
+    // Split the key range a sequence can have over one wave of CTAs (split_plan); a split holds at least
+    // one tile per stream (so that a short context is fetched in one round trip) and whole tiles. With a
+    // window the range is the window of the first new token and the last, and starts at the first visible
+    // key rounded down to a tile (up to MMA_TILE_KEYS - 1 keys more).
+    let keys = mma_streams(d) * MMA_TILE_KEYS;
     let span = match a.window {
         Some(w) => max_len.min(w as usize + q_len - 1 + MMA_TILE_KEYS - 1),
         None => max_len,
     };
     let tiles = span.div_ceil(keys);
     let units = batch * hkv * row_chunks;
-    let slots = ctas_per_sm * sm_count.max(1);
-    let target = slots / units;
-    let wanted = target.clamp(1, tiles.min(MAX_SPLITS));
-    let chunk_tiles = tiles.div_ceil(wanted);
-    let splits = tiles.div_ceil(chunk_tiles);
+    let (splits, chunk_tiles) = split_plan(tiles, units, machine.sms, machine.decode_ctas_per_sm(d));
     let plan = Plan {
         batch,
         q_len,
@@ -463,14 +497,14 @@ fn validate(a: &DecodeArgs, sm_count: usize, max_q_len: i64) -> Result<Plan> {
 pub fn decode_workspace_size(ctx: &Context, a: &DecodeArgs) -> Result<usize> {
     match ctx.backend() {
         // Checked all the same, so that a bad shape fails here as it would on a GPU.
-        Backend::Cpu => validate_shape_only(a, 1).map(|_| 0),
-        Backend::Cuda(device) => Ok(validate_shape_only(a, device.info.sm_count as usize)?.workspace_bytes()),
+        Backend::Cpu => validate_shape_only(a, Machine::CPU).map(|_| 0),
+        Backend::Cuda(device) => Ok(validate_shape_only(a, Machine::of(device))?.workspace_bytes()),
     }
 }
 
 /// The plan of `a` from its sizes alone: placeholder aligned addresses stand in for the pointers, so a
 /// caller may ask for the workspace before allocating anything.
-fn validate_shape_only(a: &DecodeArgs, sm_count: usize) -> Result<Plan> {
+fn validate_shape_only(a: &DecodeArgs, machine: Machine) -> Result<Plan> {
     let mut probe = *a;
     // Distinct, aligned, non-overlapping stand-ins far apart in the address space.
     let base = 1u64 << 40;
@@ -483,7 +517,7 @@ fn validate_shape_only(a: &DecodeArgs, sm_count: usize) -> Result<Plan> {
     if let CacheLayout::Paged { page_table, .. } = &mut probe.layout {
         *page_table = base * 7;
     }
-    validate(&probe, sm_count, MAX_Q_LEN)
+    validate(&probe, machine, MAX_Q_LEN)
 }
 
 /// Mirror of `DecodeParams` in decode.cu, passed by value as the kernel's one argument.
@@ -657,12 +691,12 @@ pub unsafe fn decode(ctx: &Context, a: &DecodeArgs, stream: Stream) -> Result<()
     ctx.check_stream(stream)?;
     match ctx.backend() {
         Backend::Cpu => {
-            let plan = validate(a, 1, MAX_Q_LEN)?;
+            let plan = validate(a, Machine::CPU, MAX_Q_LEN)?;
             unsafe { decode_cpu(a, &plan) };
             Ok(())
         }
         Backend::Cuda(device) => {
-            let plan = validate(a, device.info.sm_count as usize, MAX_Q_LEN)?;
+            let plan = validate(a, Machine::of(device), MAX_Q_LEN)?;
             let need = plan.workspace_bytes();
             if need > 0 {
                 if a.workspace == 0 || (a.workspace_bytes as usize) < need {
@@ -719,12 +753,12 @@ pub unsafe fn prefill(ctx: &Context, a: &DecodeArgs, stream: Stream) -> Result<(
     ctx.check_stream(stream)?;
     match ctx.backend() {
         Backend::Cpu => {
-            let plan = validate(a, 1, MAX_PREFILL_LEN)?;
+            let plan = validate(a, Machine::CPU, MAX_PREFILL_LEN)?;
             unsafe { decode_cpu(a, &plan) };
             Ok(())
         }
         Backend::Cuda(device) => {
-            let plan = validate(a, device.info.sm_count as usize, MAX_PREFILL_LEN)?;
+            let plan = validate(a, Machine::of(device), MAX_PREFILL_LEN)?;
             if plan.batch > 65535 {
                 return Err(Error::unsupported(format!("batch: {} exceeds the prefill grid's 65535", plan.batch)));
             }
@@ -836,6 +870,46 @@ mod tests {
         for d in HEAD_DIMS {
             assert!(decode_mma_shared_bytes(d) <= SHARED_LIMIT, "mma decode D={d}");
             assert_eq!(mma_warps(d) % mma_slices(d), 0, "mma decode D={d}");
+        }
+    }
+
+    /// The H100 (132 SMs, 228 KiB of shared memory per SM) and an sm_120 part (170 SMs, 100 KiB).
+    const H100: Machine = Machine { sms: 132, shared_per_sm: 228 * 1024, reserved_per_block: 1024 };
+    const SM120: Machine = Machine { sms: 170, shared_per_sm: 100 * 1024, reserved_per_block: 1024 };
+
+    #[test]
+    fn ctas_per_sm_follow_shared_memory() {
+        assert_eq!([64, 128, 256, 512].map(|d| H100.decode_ctas_per_sm(d)), [3, 3, 3, 2]);
+        assert_eq!([64, 128, 256, 512].map(|d| SM120.decode_ctas_per_sm(d)), [1, 1, 1, 1]);
+        assert_eq!(Machine::CPU.decode_ctas_per_sm(256), 1);
+    }
+
+    #[test]
+    fn splits_fill_one_wave_of_resident_ctas() {
+        // H100: Qwen3.5 ctx 32768 (2 units of 1024 tiles of 32 keys), 3 CTAs per SM: 171 splits of 6 tiles.
+        assert_eq!(split_plan(1024, 2, 132, 3), (171, 6));
+        // Qwen3.5 ctx 4096: one tile per split.
+        assert_eq!(split_plan(128, 2, 132, 3), (128, 1));
+        // Generic 32/8 ctx 32768 (64-key tiles): 47 splits of 11 tiles, 376 CTAs.
+        assert_eq!(split_plan(512, 8, 132, 3), (47, 11));
+        // Gemma 4 global ctx 32768, 2 CTAs per SM: 128 splits of 16 tiles.
+        assert_eq!(split_plan(2048, 2, 132, 2), (128, 16));
+        // The local window (33 tiles, 8 KV heads): a split per tile, 264 CTAs.
+        assert_eq!(split_plan(33, 8, 132, 3), (33, 1));
+        // B = 64 at 4K: three splits (384 CTAs), not four (1.29 waves).
+        assert_eq!(split_plan(128, 128, 132, 3), (3, 43));
+        // sm_120 (170 SMs, one decode CTA each): Qwen3.5 ctx 32768 in one wave of 158 CTAs, where three
+        // CTAs per SM would have planned 410 (2.4 waves).
+        assert_eq!(split_plan(1024, 2, 170, SM120.decode_ctas_per_sm(256)), (79, 13));
+        // More units than one wave holds: no split. Never more splits than tiles, nor than MAX_SPLITS.
+        assert_eq!(split_plan(128, 1000, 132, 3), (1, 128));
+        assert_eq!(split_plan(5, 1, 132, 3), (5, 1));
+        assert_eq!(split_plan(100_000, 1, 132, 3), (256, 391));
+        for (tiles, units, sms, per_sm) in [(1024, 2, 170, 1), (77, 3, 132, 3), (1, 1, 1, 1), (4096, 64, 132, 2)] {
+            let (splits, chunk) = split_plan(tiles, units, sms, per_sm);
+            assert!((1..=MAX_SPLITS).contains(&splits) && splits * chunk >= tiles, "{tiles} {units}");
+            assert!((splits - 1) * chunk < tiles, "an empty split: {tiles} {units}");
+            assert!(splits == 1 || units * splits <= per_sm * sms, "more than one wave: {tiles} {units}");
         }
     }
 }

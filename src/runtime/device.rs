@@ -24,6 +24,11 @@ pub struct DeviceInfo {
     pub total_memory: u64,
     pub l2_bytes: i32,
     pub max_shared_per_block_optin: i32,
+    /// Shared memory of one SM, for all its resident blocks together.
+    pub max_shared_per_sm: i32,
+    /// Shared memory the hardware reserves for each resident block (1 KiB from sm_80 on): it counts against
+    /// the SM's shared memory beside the block's own.
+    pub reserved_shared_per_block: i32,
 }
 
 impl DeviceInfo {
@@ -128,6 +133,14 @@ impl Device {
             max_shared_per_block_optin: attr(
                 sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
                 "shared memory per block",
+            )?,
+            max_shared_per_sm: attr(
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
+                "shared memory per SM",
+            )?,
+            reserved_shared_per_block: attr(
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_RESERVED_SHARED_MEMORY_PER_BLOCK,
+                "reserved shared memory per block",
             )?,
         };
         let arch = info.arch();

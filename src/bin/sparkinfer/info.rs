@@ -21,13 +21,14 @@ pub fn run(_: &Options) -> Result<(), String> {
                     Ok(d) => {
                         let info = &d.info;
                         println!(
-                            "  [{i}] {} ({}), {} SMs, {:.1} GiB, L2 {:.0} MiB, {} KiB shared memory per block",
+                            "  [{i}] {} ({}), {} SMs, {:.1} GiB, L2 {:.0} MiB, shared memory: {} KiB/block, {} KiB/SM",
                             info.name,
                             info.arch(),
                             info.sm_count,
                             info.total_memory as f64 / (1u64 << 30) as f64,
                             info.l2_bytes as f64 / (1u64 << 20) as f64,
-                            info.max_shared_per_block_optin / 1024
+                            info.max_shared_per_block_optin / 1024,
+                            info.max_shared_per_sm / 1024
                         );
                     }
                     Err(e) => println!("  [{i}] not usable: {e}"),

@@ -19,6 +19,7 @@ use crate::reference::{self, attention as refattn, bf16};
 use crate::runtime::name::KernelName;
 use crate::runtime::sources::KernelSource;
 use crate::runtime::tensor_map::{self, Bf16Tiled5d, TensorMap};
+use crate::runtime::DeviceInfo;
 
 pub static DECODE_SOURCE: KernelSource = KernelSource {
     name: "attention_decode",
@@ -60,33 +61,16 @@ const MMA_TILE_KEYS: usize = 16;
 /// ≤ 75 KiB blocks of D = 128 and 256, as measured; D = 64 would fit 4 by shared memory, a plan not measured.
 const MAX_CTAS_PER_SM: usize = 3;
 
-/// The machine a decode plan is made for: its SM count, the shared memory of one SM and what each resident
-/// block reserves of it.
-#[derive(Clone, Copy, Debug)]
-struct Machine {
-    sms: usize,
-    shared_per_sm: usize,
-    reserved_per_block: usize,
-}
-
-impl Machine {
-    /// The CPU backend runs no kernel: any machine gives the same (unused) plan.
-    const CPU: Machine = Machine { sms: 1, shared_per_sm: 0, reserved_per_block: 0 };
-
-    fn of(device: &crate::runtime::Device) -> Machine {
-        let info = &device.info;
-        Machine {
-            sms: info.sm_count.max(1) as usize,
-            shared_per_sm: info.max_shared_per_sm.max(0) as usize,
-            reserved_per_block: info.reserved_shared_per_block.max(0) as usize,
-        }
-    }
-
-    /// Decode CTAs of head dim `d` resident on one SM at once, by shared memory (1 to MAX_CTAS_PER_SM):
-    /// 3 for D ≤ 256 and 2 for D = 512 on the H100's 228 KiB, 1 on sm_120's 100 KiB.
-    fn decode_ctas_per_sm(&self, d: usize) -> usize {
-        let per_block = decode_mma_shared_bytes(d) + self.reserved_per_block;
-        (self.shared_per_sm / per_block).clamp(1, MAX_CTAS_PER_SM)
+/// SMs and decode CTAs of head dim `d` resident on each (by shared memory, 1 to MAX_CTAS_PER_SM) of the
+/// device a plan is made for: 3 for D ≤ 256 and 2 for D = 512 on the H100's 228 KiB, 1 on sm_120's 100
+/// KiB. The CPU backend runs no kernel (`None`): one SM of one CTA gives it the same (unused) plan as any.
+fn decode_slots(device: Option<&DeviceInfo>, d: usize) -> (usize, usize) {
+    match device {
+        None => (1, 1),
+        Some(info) => (
+            info.sm_count.max(1) as usize,
+            info.blocks_per_sm_by_shared(decode_mma_shared_bytes(d)).clamp(1, MAX_CTAS_PER_SM),
+        ),
     }
 }
 
@@ -378,7 +362,7 @@ fn check_cache(
     Ok(())
 }
 
-fn validate(a: &DecodeArgs, machine: Machine, max_q_len: i64) -> Result<Plan> {
+fn validate(a: &DecodeArgs, device: Option<&DeviceInfo>, max_q_len: i64) -> Result<Plan> {
     let d = a.head_dim;
     if !HEAD_DIMS.contains(&(d as usize)) || d <= 0 {
         return Err(Error::unsupported(format!("head_dim: {d} has no kernel; supported: 64, 128, 256, 512")));
@@ -464,7 +448,8 @@ fn validate(a: &DecodeArgs, machine: Machine, max_q_len: i64) -> Result<Plan> {
     };
     let tiles = span.div_ceil(keys);
     let units = batch * hkv * row_chunks;
-    let (splits, chunk_tiles) = split_plan(tiles, units, machine.sms, machine.decode_ctas_per_sm(d));
+    let (sms, ctas_per_sm) = decode_slots(device, d);
+    let (splits, chunk_tiles) = split_plan(tiles, units, sms, ctas_per_sm);
     let plan = Plan {
         batch,
         q_len,
@@ -497,14 +482,14 @@ fn validate(a: &DecodeArgs, machine: Machine, max_q_len: i64) -> Result<Plan> {
 pub fn decode_workspace_size(ctx: &Context, a: &DecodeArgs) -> Result<usize> {
     match ctx.backend() {
         // Checked all the same, so that a bad shape fails here as it would on a GPU.
-        Backend::Cpu => validate_shape_only(a, Machine::CPU).map(|_| 0),
-        Backend::Cuda(device) => Ok(validate_shape_only(a, Machine::of(device))?.workspace_bytes()),
+        Backend::Cpu => validate_shape_only(a, None).map(|_| 0),
+        Backend::Cuda(device) => Ok(validate_shape_only(a, Some(&device.info))?.workspace_bytes()),
     }
 }
 
 /// The plan of `a` from its sizes alone: placeholder aligned addresses stand in for the pointers, so a
 /// caller may ask for the workspace before allocating anything.
-fn validate_shape_only(a: &DecodeArgs, machine: Machine) -> Result<Plan> {
+fn validate_shape_only(a: &DecodeArgs, device: Option<&DeviceInfo>) -> Result<Plan> {
     let mut probe = *a;
     // Distinct, aligned, non-overlapping stand-ins far apart in the address space.
     let base = 1u64 << 40;
@@ -517,7 +502,7 @@ fn validate_shape_only(a: &DecodeArgs, machine: Machine) -> Result<Plan> {
     if let CacheLayout::Paged { page_table, .. } = &mut probe.layout {
         *page_table = base * 7;
     }
-    validate(&probe, machine, MAX_Q_LEN)
+    validate(&probe, device, MAX_Q_LEN)
 }
 
 /// Mirror of `DecodeParams` in decode.cu, passed by value as the kernel's one argument.
@@ -691,12 +676,12 @@ pub unsafe fn decode(ctx: &Context, a: &DecodeArgs, stream: Stream) -> Result<()
     ctx.check_stream(stream)?;
     match ctx.backend() {
         Backend::Cpu => {
-            let plan = validate(a, Machine::CPU, MAX_Q_LEN)?;
+            let plan = validate(a, None, MAX_Q_LEN)?;
             unsafe { decode_cpu(a, &plan) };
             Ok(())
         }
         Backend::Cuda(device) => {
-            let plan = validate(a, Machine::of(device), MAX_Q_LEN)?;
+            let plan = validate(a, Some(&device.info), MAX_Q_LEN)?;
             let need = plan.workspace_bytes();
             if need > 0 {
                 if a.workspace == 0 || (a.workspace_bytes as usize) < need {
@@ -753,12 +738,12 @@ pub unsafe fn prefill(ctx: &Context, a: &DecodeArgs, stream: Stream) -> Result<(
     ctx.check_stream(stream)?;
     match ctx.backend() {
         Backend::Cpu => {
-            let plan = validate(a, Machine::CPU, MAX_PREFILL_LEN)?;
+            let plan = validate(a, None, MAX_PREFILL_LEN)?;
             unsafe { decode_cpu(a, &plan) };
             Ok(())
         }
         Backend::Cuda(device) => {
-            let plan = validate(a, Machine::of(device), MAX_PREFILL_LEN)?;
+            let plan = validate(a, Some(&device.info), MAX_PREFILL_LEN)?;
             if plan.batch > 65535 {
                 return Err(Error::unsupported(format!("batch: {} exceeds the prefill grid's 65535", plan.batch)));
             }
@@ -873,15 +858,28 @@ mod tests {
         }
     }
 
-    /// The H100 (132 SMs, 228 KiB of shared memory per SM) and an sm_120 part (170 SMs, 100 KiB).
-    const H100: Machine = Machine { sms: 132, shared_per_sm: 228 * 1024, reserved_per_block: 1024 };
-    const SM120: Machine = Machine { sms: 170, shared_per_sm: 100 * 1024, reserved_per_block: 1024 };
+    /// A device of `sms` SMs with `shared_per_sm` KiB of shared memory each (1 KiB reserved per block).
+    fn device(sms: i32, shared_per_sm: i32) -> DeviceInfo {
+        DeviceInfo {
+            ordinal: 0,
+            name: String::new(),
+            cc_major: 0,
+            cc_minor: 0,
+            sm_count: sms,
+            total_memory: 0,
+            l2_bytes: 0,
+            max_shared_per_block_optin: 0,
+            max_shared_per_sm: shared_per_sm * 1024,
+            reserved_shared_per_block: 1024,
+        }
+    }
 
     #[test]
     fn ctas_per_sm_follow_shared_memory() {
-        assert_eq!([64, 128, 256, 512].map(|d| H100.decode_ctas_per_sm(d)), [3, 3, 3, 2]);
-        assert_eq!([64, 128, 256, 512].map(|d| SM120.decode_ctas_per_sm(d)), [1, 1, 1, 1]);
-        assert_eq!(Machine::CPU.decode_ctas_per_sm(256), 1);
+        let (h100, sm120) = (device(132, 228), device(170, 100));
+        assert_eq!([64, 128, 256, 512].map(|d| decode_slots(Some(&h100), d)), [(132, 3), (132, 3), (132, 3), (132, 2)]);
+        assert_eq!([64, 128, 256, 512].map(|d| decode_slots(Some(&sm120), d).1), [1, 1, 1, 1]);
+        assert_eq!(decode_slots(None, 256), (1, 1));
     }
 
     #[test]
@@ -900,7 +898,7 @@ mod tests {
         assert_eq!(split_plan(128, 128, 132, 3), (3, 43));
         // sm_120 (170 SMs, one decode CTA each): Qwen3.5 ctx 32768 in one wave of 158 CTAs, where three
         // CTAs per SM would have planned 410 (2.4 waves).
-        assert_eq!(split_plan(1024, 2, 170, SM120.decode_ctas_per_sm(256)), (79, 13));
+        assert_eq!(split_plan(1024, 2, 170, decode_slots(Some(&device(170, 100)), 256).1), (79, 13));
         // More units than one wave holds: no split. Never more splits than tiles, nor than MAX_SPLITS.
         assert_eq!(split_plan(128, 1000, 132, 3), (1, 128));
         assert_eq!(split_plan(5, 1, 132, 3), (5, 1));

@@ -36,6 +36,13 @@ impl DeviceInfo {
     pub fn arch(&self) -> String {
         format!("sm_{}{}", self.cc_major, self.cc_minor)
     }
+
+    /// Blocks of `shared_bytes` of shared memory each that one SM holds at once, by shared memory alone
+    /// (each block also takes the reserved share).
+    pub fn blocks_per_sm_by_shared(&self, shared_bytes: usize) -> usize {
+        let per_block = shared_bytes + self.reserved_shared_per_block.max(0) as usize;
+        self.max_shared_per_sm.max(0) as usize / per_block.max(1)
+    }
 }
 
 /// A loaded kernel function; it keeps its module alive.

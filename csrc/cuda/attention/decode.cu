@@ -253,6 +253,11 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
         for (int st = 0; st < S; ++st) mbar_init(&s.bar[stream][st], 1);
         fence_proxy_async_shared();
     }
+    // With splits the next kernel is the combine: its blocks may be scheduled at once, so that they sit
+    // resident in their own wait (for this grid's completion) while this grid streams, and their launch is
+    // off the chain. Without splits the next kernel is the caller's: it is let in once the tiles are done
+    // (below), so that its blocks do not take this grid's SM slots early.
+    if (p.part_o != nullptr) pdl_launch_dependents();
     // The maps are kernel parameters, not data of the kernel before this one: fetched before the wait.
     if (tid == 0) {
         prefetch_tensor_map(&p.k_map);
@@ -529,7 +534,7 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
             mma_bf16_16816(o[2 * d2 + 1], a, bv[2], bv[3]);
         }
     }
-    // The combine (when there are splits) may now be scheduled; it waits for this grid to finish.
+    // Without splits the next kernel may now be scheduled; it waits for this grid to finish.
     pdl_launch_dependents();
 
     // The rows' sums: each lane of a quad kept its own columns' share.
@@ -658,9 +663,11 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
 // the block's max lse and the weights follow from two block reductions, so that the sum over the splits is
 // a plain weighted sum (no rescaling between threads); then the slices are summed by warp shuffles and
 // shared memory, in a fixed order.
-// Launched with programmatic dependent launch after the decode kernel: nothing is read before pdl_wait().
-// It lets the next kernel's blocks be scheduled at once (that kernel waits for this grid's completion
-// before it touches memory), so that their launch and prologue overlap the merge.
+// Launched with programmatic dependent launch after the decode kernel, which lets its blocks be scheduled
+// from its start: nothing is read before pdl_wait(). Once the decode grid is done, it lets the next
+// kernel's blocks be scheduled (that kernel waits for this grid's completion before it touches memory), so
+// that their launch and prologue overlap the merge. Letting them in before its wait put the next decode
+// grid's blocks on the SMs beside the running one, which measured up to 0.9 µs slower (docs/PERF.md).
 constexpr int COMBINE_THREADS = 256;
 constexpr int COMBINE_LANES = 4;
 constexpr int COMBINE_MAX_SPLITS = 256;  // ops::attention::MAX_SPLITS
@@ -675,8 +682,8 @@ template <int D> __global__ void __launch_bounds__(COMBINE_THREADS) attention_co
     __shared__ float weight[COMBINE_MAX_SPLITS];
     __shared__ float warp_max[WARPS], warp_sum[WARPS];
     __shared__ float part[WARPS][LANES][8];
-    pdl_launch_dependents();
     pdl_wait();
+    pdl_launch_dependents();
     const i64 row = blockIdx.x;
     const int hq = (int)(row % p.hq);
     const int t = (int)((row / p.hq) % p.tq);

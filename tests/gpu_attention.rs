@@ -251,6 +251,11 @@ fn model_shapes_at_long_context_and_large_batches() {
     }
     let wide_len = if small() { 300 } else { 4096 };
     cases.push(at_lens(base(1, 16, 2, 256), &[wide_len; 64]));
+    // One sequence shorter than the capacity the plan is made for: its CTAs are spread one per SM
+    // (ops::attention::decode_spread) and those past its length find no key.
+    let mut short = at_lens(base(1, 16, 2, 256), &[if small() { 1500 } else { 5000 }]);
+    short.max_seq_len = if small() { 2049 } else { 8192 };
+    cases.push(short);
     run_cases(&gpu, &cases);
 }
 
@@ -288,7 +293,16 @@ fn length_zero_gives_zeros_and_minus_infinity() {
 #[ignore = "needs a CUDA GPU"]
 fn paged_and_contiguous_caches_give_identical_outputs() {
     let gpu = Gpu::new();
-    for (q_len, hq, hkv, d) in [(1, 16, 2, 256), (3, 16, 8, 256), (1, 16, 2, 512), (2, 32, 8, 128), (1, 4, 4, 64)] {
+    // The last shape is one sequence, whose CTAs the plan spreads one per SM (ops::attention::decode_spread).
+    let single: &[i32] = if small() { &[2049] } else { &[4097] };
+    for (q_len, hq, hkv, d, lens) in [
+        (1, 16, 2, 256, None),
+        (3, 16, 8, 256, None),
+        (1, 16, 2, 512, None),
+        (2, 32, 8, 128, None),
+        (1, 4, 4, 64, None),
+        (1, 16, 2, 256, Some(single)),
+    ] {
         let seed = Rng::fresh_seed();
         let mut outputs = Vec::new();
         for layout in [
@@ -298,7 +312,11 @@ fn paged_and_contiguous_caches_give_identical_outputs() {
             Layout::Paged { page_size: 128 },
         ] {
             // Small mode: a length past 1024 so that the split chunks cross many pages.
-            let mut c = if small() { at_lens(base(q_len, hq, hkv, d), &[1, 7, 1025]) } else { base(q_len, hq, hkv, d) };
+            let mut c = match lens {
+                Some(lens) => at_lens(base(q_len, hq, hkv, d), lens),
+                None if small() => at_lens(base(q_len, hq, hkv, d), &[1, 7, 1025]),
+                None => base(q_len, hq, hkv, d),
+            };
             c.layout = layout;
             let mut rng = Rng::new(seed);
             let (q, k, v) = random_inputs(&c, &mut rng);
@@ -317,8 +335,8 @@ fn paged_and_contiguous_caches_give_identical_outputs() {
 }
 
 /// Page ids outside [0, num_pages) read as zeros, in decode (the tensor maps' out-of-bounds fill) and in
-/// prefill (zero-filled copies): those pages' keys score 0 and their values add nothing to the output. With a window, the pages wholly before every new token's window
-/// may hold any id (a cache that frees them).
+/// prefill (zero-filled copies): those pages' keys score 0 and their values add nothing to the output. With
+/// a window, the pages wholly before every new token's window may hold any id (a cache that frees them).
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn out_of_range_page_ids_read_zeros_and_pages_before_the_window_are_free() {

@@ -74,15 +74,53 @@ fn decode_slots(device: Option<&DeviceInfo>, d: usize) -> (usize, usize) {
     }
 }
 
+/// Whether a decode launch spreads its CTAs one per SM on a device that holds several (`Some(dynamic shared
+/// memory to request)`, enough that a second CTA does not fit), with the splits planned for one per SM;
+/// `None`: the CTAs the SMs hold by shared memory, the splits planned for all of them.
+///
+/// The block scheduler places a grid smaller than the resident slots unevenly, several CTAs on some SMs
+/// and none on others (Qwen3.5 ctx 32768 planned for one CTA per SM but launched with three resident took
+/// 37.1 µs against 30.9 for three per SM); requesting more shared memory than the kernel needs is what
+/// holds it to one (only on devices whose SMs hold several decode CTAs: the request then exceeds the 99 KiB
+/// that SHARED_LIMIT keeps the kernel's own need to, which sm_120's SMs could not hold twice anyway).
+/// Fewer, longer CTAs then write fewer partials for the combine and give each stream more than one tile, so
+/// that its loads overlap its math: Qwen3.5 ctx 32768 30.8 → 29.3 µs, ctx 4096 10.1 → 9.0 on the H100
+/// (docs/PERF.md). Only where no balance or issue rate is lost:
+/// - one sequence: a batch's lengths may differ, and fewer splits per sequence left the longest one on few
+///   CTAs (B = 16 with lengths 1K–32K: 194 → 273 µs);
+/// - one chunk of rows and one warp per stream (D ≤ 256): with two row chunks (Tq = 4) or two warps sharing
+///   a stream's scores (D = 512) the tile math per byte doubles, and one CTA's 2–4 warps cannot issue it
+///   (Tq = 4 ctx 32768 32.8 → 40.6 µs, Gemma 4 global ctx 32768 51.0 → 52.6);
+/// - one CTA per SM still fills nine in ten SMs (the local window's 33 tiles over 8 KV heads make 88 CTAs).
+fn decode_spread(
+    info: &DeviceInfo,
+    d: usize,
+    batch: usize,
+    hkv: usize,
+    row_chunks: usize,
+    tiles: usize,
+) -> Option<usize> {
+    let (sms, ctas_per_sm) = decode_slots(Some(info), d);
+    if ctas_per_sm <= 1 || batch != 1 || row_chunks != 1 || mma_slices(d) != 1 {
+        return None;
+    }
+    let (splits, _) = split_plan(tiles, hkv, sms, 1);
+    if 10 * hkv * splits < 9 * sms {
+        return None;
+    }
+    info.shared_for_blocks_per_sm(decode_mma_shared_bytes(d), 1)
+}
+
 /// Splits of the key range of each of `units` (sequence, KV head, row chunk) units and tiles per split,
 /// for a key range of `tiles` tiles (a tile: MMA_TILE_KEYS keys per stream of a CTA), on `sms` SMs that
 /// each hold `ctas_per_sm` decode CTAs.
 ///
 /// As many splits as fill every resident slot in one wave, rounded down (at B = 64, 4K a fourth split
 /// made 1.29 waves, and the 0.29 ran as a tail at a fraction of the bandwidth), at most one per tile and
-/// MAX_SPLITS; the tiles are then spread evenly. Filling the slots beats balancing the SMs: 256 CTAs of 8
-/// tiles at Qwen3.5 ctx 32768 (at most 16 tiles per SM) measured no faster than 342 of 6 (18 on 78 SMs),
-/// and the generic shape and the batched rows ran 4-10% slower with fewer CTAs per SM (docs/PERF.md).
+/// MAX_SPLITS; the tiles are then spread evenly. Planning fewer CTAs than the SMs hold measured slower
+/// (256 CTAs instead of 342 at Qwen3.5 ctx 32768 no faster; the generic shape and the batched rows 4-10%
+/// slower, docs/PERF.md): the block scheduler then places them unevenly. Where fewer, longer CTAs pay,
+/// the launch holds them to one per SM instead (decode_spread).
 fn split_plan(tiles: usize, units: usize, sms: usize, ctas_per_sm: usize) -> (usize, usize) {
     let (tiles, units) = (tiles.max(1), units.max(1));
     let wanted = ((ctas_per_sm * sms) / units).clamp(1, tiles.min(MAX_SPLITS));
@@ -253,6 +291,9 @@ struct Plan {
     row_chunks: usize,
     splits: usize,
     chunk_keys: usize,
+    /// Dynamic shared memory the decode kernel is launched with: what it needs, or more where the plan
+    /// spreads the CTAs one per SM (decode_spread).
+    shared_bytes: usize,
     q_strides: [usize; 3],
     out_strides: [usize; 3],
 }
@@ -449,7 +490,8 @@ fn validate(a: &DecodeArgs, device: Option<&DeviceInfo>, max_q_len: i64) -> Resu
     let tiles = span.div_ceil(keys);
     let units = batch * hkv * row_chunks;
     let (sms, ctas_per_sm) = decode_slots(device, d);
-    let (splits, chunk_tiles) = split_plan(tiles, units, sms, ctas_per_sm);
+    let spread = device.and_then(|info| decode_spread(info, d, batch, hkv, row_chunks, tiles));
+    let (splits, chunk_tiles) = split_plan(tiles, units, sms, if spread.is_some() { 1 } else { ctas_per_sm });
     let plan = Plan {
         batch,
         q_len,
@@ -461,6 +503,7 @@ fn validate(a: &DecodeArgs, device: Option<&DeviceInfo>, max_q_len: i64) -> Resu
         row_chunks,
         splits,
         chunk_keys: chunk_tiles * keys,
+        shared_bytes: spread.unwrap_or(decode_mma_shared_bytes(d)),
         q_strides,
         out_strides,
     };
@@ -701,12 +744,13 @@ pub unsafe fn decode(ctx: &Context, a: &DecodeArgs, stream: Stream) -> Result<()
                 params.part_lse = a.workspace + (plan.output_rows() * plan.splits * plan.d * 4) as u64;
             }
             let split = plan.splits > 1;
-            let (name, shared, threads) =
+            let (name, need, threads) =
                 (decode_mma_name(plan.d), decode_mma_shared_bytes(plan.d), (mma_warps(plan.d) * 32) as u32);
             // Every variant fits (see the tests below); this guards the tables against a future edit.
-            if shared > SHARED_LIMIT {
-                return Err(Error::internal(format!("{name} needs {shared} bytes of shared memory")));
+            if need > SHARED_LIMIT {
+                return Err(Error::internal(format!("{name} needs {need} bytes of shared memory")));
             }
+            let shared = plan.shared_bytes;
             let kernel = device.kernel(&DECODE_SOURCE, &name)?;
             kernel.set_max_dynamic_shared(shared as u32)?;
             let grid = ((plan.batch * plan.hkv * plan.row_chunks) as u32, plan.splits as u32, 1);
@@ -858,7 +902,8 @@ mod tests {
         }
     }
 
-    /// A device of `sms` SMs with `shared_per_sm` KiB of shared memory each (1 KiB reserved per block).
+    /// A device of `sms` SMs with `shared_per_sm` KiB of shared memory each (1 KiB reserved per block, the
+    /// rest open to one block).
     fn device(sms: i32, shared_per_sm: i32) -> DeviceInfo {
         DeviceInfo {
             ordinal: 0,
@@ -868,7 +913,7 @@ mod tests {
             sm_count: sms,
             total_memory: 0,
             l2_bytes: 0,
-            max_shared_per_block_optin: 0,
+            max_shared_per_block_optin: (shared_per_sm - 1) * 1024,
             max_shared_per_sm: shared_per_sm * 1024,
             reserved_shared_per_block: 1024,
         }
@@ -880,6 +925,33 @@ mod tests {
         assert_eq!([64, 128, 256, 512].map(|d| decode_slots(Some(&h100), d)), [(132, 3), (132, 3), (132, 3), (132, 2)]);
         assert_eq!([64, 128, 256, 512].map(|d| decode_slots(Some(&sm120), d).1), [1, 1, 1, 1]);
         assert_eq!(decode_slots(None, 256), (1, 1));
+    }
+
+    #[test]
+    fn single_sequences_spread_one_cta_per_sm() {
+        let (h100, sm120) = (device(132, 228), device(170, 100));
+        // Qwen3.5 (D = 256, 2 KV heads) ctx 32768 and 4096: one CTA per SM, 64 splits each.
+        let qwen = decode_spread(&h100, 256, 1, 2, 1, 1024).expect("Qwen3.5 ctx 32768 spreads");
+        assert_eq!(decode_spread(&h100, 256, 1, 2, 1, 128), Some(qwen));
+        assert_eq!((split_plan(1024, 2, 132, 1), split_plan(128, 2, 132, 1)), ((64, 16), (64, 2)));
+        assert!(qwen >= decode_mma_shared_bytes(256) && qwen <= h100.max_shared_per_block_optin as usize);
+        assert_eq!((h100.blocks_per_sm_by_shared(qwen), qwen % 16), (1, 0));
+        // The generic shape (D = 128, 8 KV heads) ctx 32768: 16 splits, 128 CTAs.
+        assert!(decode_spread(&h100, 128, 1, 8, 1, 512).is_some());
+        // The local window: 11 splits of 3 tiles would leave 44 SMs idle.
+        assert_eq!(decode_spread(&h100, 256, 1, 8, 1, 33), None);
+        // D = 512 (two warps per stream), two row chunks (Tq = 4), a batch: as many CTAs as the SMs hold.
+        assert_eq!(decode_spread(&h100, 512, 1, 2, 1, 2048), None);
+        assert_eq!(decode_spread(&h100, 256, 1, 2, 2, 1024), None);
+        assert_eq!(decode_spread(&h100, 256, 16, 2, 1, 1024), None);
+        // sm_120 holds one decode CTA per SM anyway.
+        assert_eq!(decode_spread(&sm120, 256, 1, 2, 1, 1024), None);
+        // A request past what one block may opt in to: no spread.
+        let mut capped = device(132, 228);
+        capped.max_shared_per_block_optin = 100 * 1024;
+        assert_eq!(capped.shared_for_blocks_per_sm(decode_mma_shared_bytes(256), 1), None);
+        assert_eq!(decode_spread(&capped, 256, 1, 2, 1, 1024), None);
+        assert_eq!(h100.shared_for_blocks_per_sm(150 * 1024, 1), Some(150 * 1024));
     }
 
     #[test]

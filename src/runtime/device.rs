@@ -43,6 +43,19 @@ impl DeviceInfo {
         let per_block = shared_bytes + self.reserved_shared_per_block.max(0) as usize;
         self.max_shared_per_sm.max(0) as usize / per_block.max(1)
     }
+
+    /// Dynamic shared memory to request for a block that needs `need_bytes`, so that at most `blocks` such
+    /// blocks are resident on an SM at once: `need_bytes` if that already holds, else the least 16-byte
+    /// multiple above the SM's share of `blocks + 1`. `None` when that exceeds what one block may opt in to.
+    pub fn shared_for_blocks_per_sm(&self, need_bytes: usize, blocks: usize) -> Option<usize> {
+        if self.blocks_per_sm_by_shared(need_bytes) <= blocks {
+            return Some(need_bytes);
+        }
+        let reserved = self.reserved_shared_per_block.max(0) as usize;
+        let share = (self.max_shared_per_sm.max(0) as usize / (blocks + 1)).saturating_sub(reserved);
+        let bytes = need_bytes.max((share + 1).next_multiple_of(16));
+        (bytes <= self.max_shared_per_block_optin.max(0) as usize).then_some(bytes)
+    }
 }
 
 /// A loaded kernel function; it keeps its module alive.

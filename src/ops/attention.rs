@@ -78,11 +78,11 @@ fn decode_slots(device: Option<&DeviceInfo>, d: usize) -> (usize, usize) {
 /// memory to request)`, enough that a second CTA does not fit), with the splits planned for one per SM;
 /// `None`: the CTAs the SMs hold by shared memory, the splits planned for all of them.
 ///
-/// The block scheduler places a grid smaller than the resident slots unevenly, several CTAs on some SMs
-/// and none on others (Qwen3.5 ctx 32768 planned for one CTA per SM but launched with three resident took
+/// A grid smaller than the resident slots runs as if the block scheduler stacked its CTAs on some SMs and
+/// left others idle (Qwen3.5 ctx 32768 planned for one CTA per SM but launched with three resident took
 /// 37.1 µs against 30.9 for three per SM); requesting more shared memory than the kernel needs is what
-/// holds it to one (only on devices whose SMs hold several decode CTAs: the request then exceeds the 99 KiB
-/// that SHARED_LIMIT keeps the kernel's own need to, which sm_120's SMs could not hold twice anyway).
+/// holds it to one. That happens only on devices whose SMs hold several decode CTAs (not sm_120 / sm_121,
+/// whose SMs hold one), where the request may exceed the 99 KiB that SHARED_LIMIT keeps the kernel's need to.
 /// Fewer, longer CTAs then write fewer partials for the combine and give each stream more than one tile, so
 /// that its loads overlap its math: Qwen3.5 ctx 32768 30.8 → 29.3 µs, ctx 4096 10.1 → 9.0 on the H100
 /// (docs/PERF.md). Only where no balance or issue rate is lost:
@@ -119,8 +119,8 @@ fn decode_spread(
 /// made 1.29 waves, and the 0.29 ran as a tail at a fraction of the bandwidth), at most one per tile and
 /// MAX_SPLITS; the tiles are then spread evenly. Planning fewer CTAs than the SMs hold measured slower
 /// (256 CTAs instead of 342 at Qwen3.5 ctx 32768 no faster; the generic shape and the batched rows 4-10%
-/// slower, docs/PERF.md): the block scheduler then places them unevenly. Where fewer, longer CTAs pay,
-/// the launch holds them to one per SM instead (decode_spread).
+/// slower, docs/PERF.md): they then run as if placed unevenly. Where fewer, longer CTAs pay, the launch
+/// holds them to one per SM instead (decode_spread).
 fn split_plan(tiles: usize, units: usize, sms: usize, ctas_per_sm: usize) -> (usize, usize) {
     let (tiles, units) = (tiles.max(1), units.max(1));
     let wanted = ((ctas_per_sm * sms) / units).clamp(1, tiles.min(MAX_SPLITS));

@@ -478,7 +478,8 @@ fn validate(a: &DecodeArgs, device: Option<&DeviceInfo>, max_q_len: i64) -> Resu
 
     let rows_total = group * q_len;
     let row_chunks = rows_total.div_ceil(MMA_ROWS);
-    // Split the key range a sequence can have over one wave of CTAs (split_plan); a split holds at least
+    // Split the key range a sequence can have over one wave of CTAs (split_plan), of one CTA per SM where
+    // the launch spreads them (decode_spread) and of every CTA the SMs hold otherwise; a split holds at least
     // one tile per stream (so that a short context is fetched in one round trip) and whole tiles. With a
     // window the range is the window of the first new token and the last, and starts at the first visible
     // key rounded down to a tile (up to MMA_TILE_KEYS - 1 keys more).

@@ -2,7 +2,8 @@
 # Runs on the GPU machine over the binaries that bench/stage.sh put in .gpu/: every GPU test, the model
 # checks, the benchmark, the PyTorch comparison and (with SANITIZE=1) compute-sanitizer. Full logs go to
 # $OUT; a short summary prints last.
-#   bash bench/gpu_run.sh [tests|check|bench|compare|sanitize]...   (default: tests check bench compare)
+#   bash bench/gpu_run.sh [tests|check|bench|compare|floor|sanitize]...   (default: tests check bench compare)
+# floor: bench/read_floor.py, the read-only kernels that a bandwidth-bound row's time is judged against.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/sparkinfer-out}
@@ -36,6 +37,7 @@ for step in "${steps[@]}"; do
     check) run_step check .gpu/sparkinfer check; tail -5 "$OUT/check.log"; grep FAIL "$OUT/check.log" | head -20 ;;
     bench) run_step bench .gpu/sparkinfer bench --json "$OUT/bench.json"; cat "$OUT/bench.log" ;;
     compare) run_step compare python3 bench/compare.py --lib .gpu/libsparkinfer.so; cat "$OUT/compare.log" ;;
+    floor) run_step read_floor python3 bench/read_floor.py; cat "$OUT/read_floor.log" ;;
     sanitize)
       for tool in memcheck racecheck; do
         for t in .gpu/tests/gpu_*; do

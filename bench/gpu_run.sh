@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine over the binaries that bench/stage.sh put in .gpu/: every GPU test, the model
-# checks, the benchmark, the PyTorch comparison and (with SANITIZE=1) compute-sanitizer. Full logs go to
+# checks, the benchmark, the PyTorch comparison and (the sanitize step) compute-sanitizer. Full logs go to
 # $OUT; a short summary prints last.
 #   bash bench/gpu_run.sh [tests|check|bench|compare|floor|sanitize]...   (default: tests check bench compare)
 # floor: bench/read_floor.py, the read-only kernels that a bandwidth-bound row's time is judged against.

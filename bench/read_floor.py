@@ -3,12 +3,13 @@
 attention rows' time for the same bytes is judged (docs/PERF.md).
 
 A Triton kernel sums a bf16 buffer (each program a contiguous chunk, loads evict-first) over a grid of
-configurations; torch.sum and a device-to-device copy run beside it. Each case is captured into a CUDA
-graph over enough copies of the buffer that the working set is at least four times the L2, and timed by
-replaying the graph with CUDA events; rows give the three best Triton configurations' and torch.sum's time
-per call and read rate. The copy line it compares against is a graph-captured device copy, which measures
-lower than the lone copies of `sparkinfer bench` (2448 against 3024 GB/s on the H100): compare with the
-bench's figure where a row is judged against a target.
+configurations; torch.sum and a device-to-device copy run beside it. Each case is timed as compare.py
+times a row (time_us: calls captured into a CUDA graph, replays timed with CUDA events), the calls
+rotating over enough copies of the buffer that the working set is at least four times the L2. Rows give
+the three best Triton configurations' and torch.sum's time per call and read rate. The copy line it
+compares against is a graph-captured device copy, which measures lower than the lone copies of
+`sparkinfer bench` (2448 against 3024 GB/s on the H100, measured before this script used time_us):
+compare with the bench's figure where a row is judged against a target.
 
     python3 bench/read_floor.py --mb 67.1 8.4
 """
@@ -17,6 +18,8 @@ import argparse
 import torch
 import triton
 import triton.language as tl
+
+from compare import time_us
 
 
 @triton.jit
@@ -30,31 +33,6 @@ def read_sum(x_ptr, out_ptr, n, per_program, BLOCK: tl.constexpr):
     tl.store(out_ptr + pid, tl.sum(acc, axis=0))
 
 
-def graph_time_us(fn_per_copy, copies, replays=30):
-    """Mean µs per call of fn_per_copy(i) over the copies, from a graph holding one call per copy."""
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for i in range(copies):  # warm-up: compiles and loads outside the capture
-            fn_per_copy(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for i in range(copies):
-            fn_per_copy(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    samples = []
-    for _ in range(5):
-        begin.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        samples.append(begin.elapsed_time(end) * 1000.0 / (replays * copies))
-    return sorted(samples)[len(samples) // 2]
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=float, nargs="+", default=[67.1, 8.4], help="buffer sizes in MB (1e6 bytes)")
@@ -64,7 +42,7 @@ def main():
 
     big = torch.empty(1 << 29, dtype=torch.bfloat16, device="cuda")
     big_out = torch.empty_like(big)
-    copy_us = graph_time_us(lambda i: big_out.copy_(big), 1, replays=20)
+    copy_us = time_us(lambda i: big_out.copy_(big), 1, launches=20)
     copy_gbs = 2 * big.numel() * 2 / copy_us / 1e3
     print(f"{torch.cuda.get_device_name(0)}, {sms} SMs; device copy of 1 GiB: {copy_us:.1f} µs, {copy_gbs:.0f} GB/s")
     del big, big_out
@@ -81,11 +59,12 @@ def main():
                 per = -(-per // block) * block
                 grid = -(-n // per)
                 out = torch.empty(grid, dtype=torch.float32, device="cuda")
-                us = graph_time_us(
-                    lambda i: read_sum[(grid,)](xs[i], out, n, per, BLOCK=block, num_warps=warps), copies)
+                us = time_us(
+                    lambda i: read_sum[(grid,)](xs[i], out, n, per, BLOCK=block, num_warps=warps),
+                    copies, launches=30 * copies)
                 results.append((us, f"triton {grid} programs, block {block}, {warps} warps"))
         results.sort()
-        results = results[:3] + [(graph_time_us(lambda i: xs[i].sum(), copies), "torch.sum")]
+        results = results[:3] + [(time_us(lambda i: xs[i].sum(), copies, launches=30 * copies), "torch.sum")]
         for us, what in results:
             gbs = n * 2 / us / 1e3
             pct = 100 * gbs / copy_gbs

@@ -294,6 +294,9 @@ struct Plan {
     /// Dynamic shared memory the decode kernel is launched with: what it needs, or more where the plan
     /// spreads the CTAs one per SM (decode_spread).
     shared_bytes: usize,
+    /// q is copied before the first tiles (DECODE_Q_FIRST): on the spread plan at head dim 256, where it
+    /// measured 0.25–0.35 µs faster on the H100; at head dim 128 (spread) it measured 0.25 µs slower.
+    q_first: bool,
     q_strides: [usize; 3],
     out_strides: [usize; 3],
 }
@@ -305,12 +308,26 @@ impl Plan {
     fn output_rows(&self) -> usize {
         self.batch * self.q_len * self.hq
     }
-    /// Bytes of split partials: fp32 outputs [rows][splits][D] then fp32 lse [rows][splits].
+    /// Partial outputs per output row that the combine merges: one per split, or with several streams per
+    /// CTA one per stream of each split (DECODE_STREAM_PARTIALS: the streams skip their merge through
+    /// shared memory), as long as the combine takes that many (MAX_SPLITS) and a CTA holds at most 8 rows.
+    /// The partials written and read grow with the rows and the merge saved does not: on the H100, 8 rows
+    /// (Qwen3.5, Tq = 1) gained 0.35 µs at ctx 4096, 16 rows (Tq = 4) lost 1.3–1.5 µs (docs/PERF.md).
+    fn parts(&self) -> usize {
+        let streams = mma_streams(self.d);
+        let rows = self.rows_total().min(MMA_ROWS);
+        if self.splits > 1 && streams > 1 && rows <= MMA_ROWS / 2 && self.splits * streams <= MAX_SPLITS {
+            self.splits * streams
+        } else {
+            self.splits
+        }
+    }
+    /// Bytes of split partials: fp32 outputs [rows][parts][D] then fp32 lse [rows][parts].
     fn workspace_bytes(&self) -> usize {
         if self.splits <= 1 {
             0
         } else {
-            self.output_rows() * self.splits * (self.d + 1) * 4
+            self.output_rows() * self.parts() * (self.d + 1) * 4
         }
     }
 }
@@ -505,6 +522,7 @@ fn validate(a: &DecodeArgs, device: Option<&DeviceInfo>, max_q_len: i64) -> Resu
         splits,
         chunk_keys: chunk_tiles * keys,
         shared_bytes: spread.unwrap_or(decode_mma_shared_bytes(d)),
+        q_first: spread.is_some() && d == 256,
         q_strides,
         out_strides,
     };
@@ -594,6 +612,7 @@ struct KernelParams {
     num_pages: i32,
     scale: f32,
     softcap: f32,
+    flags: i32,
 }
 
 // The size and alignment decode.cu asserts for DecodeParams, and where each group of fields starts.
@@ -700,12 +719,14 @@ fn device_params(device: &crate::runtime::Device, a: &DecodeArgs, plan: &Plan) -
         // A window longer than every position is no window; the clamp keeps `pos - window` in range.
         window: a.window.map_or(0, |w| w.min((plan.max_len + plan.q_len) as i64) as i32),
         causal: a.causal as i32,
-        num_splits: plan.splits as i32,
+        num_splits: plan.parts() as i32,
         chunk_keys: plan.chunk_keys as i32,
         page_shift,
         num_pages,
         scale: a.scale,
         softcap: a.softcap.unwrap_or(0.0),
+        // DECODE_STREAM_PARTIALS | DECODE_Q_FIRST
+        flags: i32::from(plan.parts() > plan.splits) | i32::from(plan.q_first) << 1,
     })
 }
 
@@ -742,7 +763,7 @@ pub unsafe fn decode(ctx: &Context, a: &DecodeArgs, stream: Stream) -> Result<()
             params.v_map = cache_tensor_map(device, "v_cache", &a.v, &a.layout, &plan)?;
             if plan.splits > 1 {
                 params.part_o = a.workspace;
-                params.part_lse = a.workspace + (plan.output_rows() * plan.splits * plan.d * 4) as u64;
+                params.part_lse = a.workspace + (plan.output_rows() * plan.parts() * plan.d * 4) as u64;
             }
             let split = plan.splits > 1;
             let (name, need, threads) =
@@ -953,6 +974,51 @@ mod tests {
         assert_eq!(capped.shared_for_blocks_per_sm(decode_mma_shared_bytes(256), 1), None);
         assert_eq!(decode_spread(&capped, 256, 1, 2, 1, 1024), None);
         assert_eq!(h100.shared_for_blocks_per_sm(150 * 1024, 1), Some(150 * 1024));
+    }
+
+    /// A plan of `splits` splits at head dim `d` (one sequence, one token, 16/2 heads).
+    fn plan_of(d: usize, splits: usize) -> Plan {
+        Plan {
+            batch: 1,
+            q_len: 1,
+            hq: 16,
+            hkv: 2,
+            d,
+            group: 8,
+            max_len: 32768,
+            row_chunks: 1,
+            splits,
+            chunk_keys: 32,
+            shared_bytes: decode_mma_shared_bytes(d),
+            q_first: false,
+            q_strides: [0; 3],
+            out_strides: [0; 3],
+        }
+    }
+
+    #[test]
+    fn stream_partials_stay_within_what_the_combine_takes() {
+        // Qwen3.5 on the H100's spread plan: 64 splits of two streams, 128 partials per row.
+        assert_eq!(plan_of(256, 64).parts(), 128);
+        // One split: no partials; one stream (D = 512): one per split; past MAX_SPLITS: one per split.
+        assert_eq!((plan_of(256, 1).parts(), plan_of(256, 1).workspace_bytes()), (1, 0));
+        assert_eq!(plan_of(512, 128).parts(), 128);
+        assert_eq!(plan_of(128, 65).parts(), 65);
+        // Tq = 4 of Qwen3.5: 32 rows, two CTAs of 16 per KV head, one partial per split.
+        let tq4 = Plan { q_len: 4, row_chunks: 2, ..plan_of(256, 64) };
+        assert_eq!((tq4.parts(), tq4.workspace_bytes()), (64, 64 * 64 * 257 * 4));
+        // Tq = 2 of a group-4 shape: 8 rows, one per stream.
+        assert_eq!(Plan { q_len: 2, group: 4, hq: 8, ..plan_of(128, 16) }.parts(), 64);
+        for d in HEAD_DIMS {
+            for splits in 1..=MAX_SPLITS {
+                let plan = plan_of(d, splits);
+                let parts = plan.parts();
+                assert!(parts <= MAX_SPLITS && parts.is_multiple_of(splits), "D={d} splits={splits}: {parts}");
+                assert!(parts == splits || parts == splits * mma_streams(d), "D={d} splits={splits}: {parts}");
+                let bytes = if splits > 1 { plan.output_rows() * parts * (d + 1) * 4 } else { 0 };
+                assert_eq!(plan.workspace_bytes(), bytes, "D={d} splits={splits}");
+            }
+        }
     }
 
     #[test]

@@ -44,9 +44,18 @@ struct DecodeParams {
     int num_splits, chunk_keys;
     int page_shift, num_pages;
     float scale, softcap;  // softcap <= 0: none
+    int flags;             // DECODE_STREAM_PARTIALS | DECODE_Q_FIRST
 };
 static_assert(sizeof(DecodeParams) == 512 && alignof(DecodeParams) == 64,
               "DecodeParams: size or alignment differs from ops::attention::KernelParams");
+
+// DecodeParams::flags. With splits, each stream of a CTA writes its own partial output and lse, as split
+// split * STREAMS + stream of num_splits = STREAMS * gridDim.y, and the combine merges the streams with the
+// splits; without it a CTA's streams are merged through shared memory first and write split `split`.
+constexpr int DECODE_STREAM_PARTIALS = 1;
+// q's copies are issued right after the PDL wait, before the first tiles' (so that they do not queue behind
+// the tiles' bytes); without it, after them.
+constexpr int DECODE_Q_FIRST = 2;
 
 SPK_DEVICE float neg_inf() { return __int_as_float(0xff800000); }
 
@@ -103,11 +112,14 @@ SPK_DEVICE void zero_partials(const DecodeParams& p, int b, int hkv, int row0, i
 // At short contexts a CTA's fixed cost dominates (its 2 or 4 warps leave each instruction's latency
 // exposed), so the prologue and epilogue are short. Without a window a split's key range does not depend
 // on the sequence length: its first tiles are issued right after the PDL wait, while the length is read
-// (one that turns out to lie past the sequence is only waited for). At the end each lane writes its
-// fragment rows g and g + 8 from registers: the output, or with splits the fp32 partials and lse for the
-// combine. With one stream (D = 512) each warp writes its D / SLICES dims; with several, warp w owns dims
-// [w D / STREAMS, (w + 1) D / STREAMS): it receives the other streams' m, l and O of those dims through
-// shared memory (reusing the rings) and merges them with its own by log-sum-exp.
+// (one that turns out to lie past the sequence is only waited for); with a window they are issued from
+// the length read before the wait as a hint (see the kernel). At the end each lane writes its fragment
+// rows g and g + 8 from registers: the output, or with splits the fp32 partials and lse for the combine.
+// With one stream (D = 512) each warp writes its D / SLICES dims. With several and splits, each stream
+// writes its own partial (DECODE_STREAM_PARTIALS) and the combine merges them with the splits'. With
+// several and no split, warp w owns dims [w D / STREAMS, (w + 1) D / STREAMS): it receives the other
+// streams' m, l and O of those dims through shared memory (reusing the rings) and merges them with its own
+// by log-sum-exp.
 //
 // The tensor maps (encoded on the host per launch, ops::attention) view a cache as 5-d, innermost first:
 // (64 elements = 128 bytes of a head row, token, 64-element chunk of the row, KV head, sequence) for a
@@ -297,33 +309,47 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
         q_src = p.q + (i64)b * p.q_stride_batch + (i64)t * p.q_stride_token + (i64)hq * p.q_stride_head;
     }
 
-    // Launched with programmatic dependent launch: nothing is read before this wait.
+    // With a window the first tiles start at a key that depends on the sequence length. Its value before
+    // the PDL wait is read as a hint (the kernel before may still be writing it): the first tiles are
+    // issued from the hint right after the wait, and issued again should the length read after the wait
+    // place them elsewhere.
+    int hint = 0;
+    if (p.window > 0) hint = *reinterpret_cast<const volatile int*>(p.seq_lens + b);
+    // Launched with programmatic dependent launch: nothing else is read before this wait.
     pdl_wait();
     const int seq_len = p.seq_lens[b];
-    // Without a window the split's keys start at split * chunk_keys whatever the length, so the stream's
-    // first S - 1 tiles are issued while the length is read: [0, issued), those that start in the split and
-    // below max_len (every tile the stream can have does). Those at or past my_tiles, known once the length
-    // is, lie past the sequence: they are only waited for, so that no copy into the rings is outstanding
-    // when the CTA exits or the rings become Merge.
-    int issued = 0;
-    if (p.window <= 0) {
-        const int base = split * p.chunk_keys;
-        const int limit = min(base + p.chunk_keys, p.max_len);
+    // The stream's first S - 1 tiles are issued while the length is read: [0, issued), those that start in
+    // the split as far as it is known by then. Without a window the split's keys start at split *
+    // chunk_keys whatever the length, below max_len; with one they start where the hint places them, below
+    // the hint. Those at or past my_tiles, known once the length is, lie past the sequence: they are only
+    // waited for, so that no copy into the rings is outstanding when the CTA exits or the rings become
+    // Merge.
+    int early_begin = split * p.chunk_keys;
+    int early_limit = min(early_begin + p.chunk_keys, p.max_len);
+    if (p.window > 0) {
+        const int hint_len = min(max(hint, 0), p.max_len);
+        early_begin += max(0, hint_len - p.tq + 1 - p.window) & ~(T::N - 1);
+        early_limit = min(early_begin + p.chunk_keys, hint_len);
+    }
+    auto copy_q = [&]() {
 #pragma unroll
-        for (int i = 0; i < S - 1; ++i) {
-            const int start = base + (stream + i * T::STREAMS) * T::N;
-            if (start < limit) {
-                issue_tile(start, i);
-                issued = i + 1;
-            }
+        for (int k = 0; k < VECS / (T::THREADS / 16); ++k) {
+            const int vec = (tid >> 4) + k * (T::THREADS / 16);
+            cp_async_16(&s.q[q_r][vec * 8], q_src + vec * 8, q_valid);
+        }
+        cp_async_commit();
+    };
+    if (p.flags & DECODE_Q_FIRST) copy_q();
+    int issued = 0;
+#pragma unroll
+    for (int i = 0; i < S - 1; ++i) {
+        const int start = early_begin + (stream + i * T::STREAMS) * T::N;
+        if (start < early_limit) {
+            issue_tile(start, i);
+            issued = i + 1;
         }
     }
-#pragma unroll
-    for (int k = 0; k < VECS / (T::THREADS / 16); ++k) {
-        const int vec = (tid >> 4) + k * (T::THREADS / 16);
-        cp_async_16(&s.q[q_r][vec * 8], q_src + vec * 8, q_valid);
-    }
-    cp_async_commit();
+    if (!(p.flags & DECODE_Q_FIRST)) copy_q();
 
     const int len = min(max(seq_len, 0), p.max_len);
     // The first key any row sees, and the start of the sequence's tiles: that key rounded down to a
@@ -334,19 +360,22 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
     const int lo = first & ~(T::N - 1);
     const int begin = lo + split * p.chunk_keys;
     const int end = min(begin + p.chunk_keys, len);
+    // Partials per CTA: one per stream (DECODE_STREAM_PARTIALS) or one.
+    const int parts = (p.flags & DECODE_STREAM_PARTIALS) ? T::STREAMS : 1;
 
     if (begin >= end) {
         cp_async_wait<0>();
         // Nothing visible here: an empty split reports lse = -inf and a zero partial output (the combine
         // reads every split and gives this one weight 0); without splits the rows are final: zeros and
         // lse = -inf.
-        if (p.part_o != nullptr) zero_partials(p, b, hkv, row0, rows, split, D);
+        if (p.part_o != nullptr)
+            for (int u = 0; u < parts; ++u) zero_partials(p, b, hkv, row0, rows, split * parts + u, D);
         for (int r = row0 + tid; r < row0 + rows; r += T::THREADS) {
             int t, hq;
             row_token_head(r, p.group, hkv, t, hq);
             const i64 row = ((i64)b * p.tq + t) * p.hq + hq;
             if (p.part_o != nullptr) {
-                p.part_lse[row * p.num_splits + split] = neg_inf();
+                for (int u = 0; u < parts; ++u) p.part_lse[row * p.num_splits + split * parts + u] = neg_inf();
             } else if (p.lse != nullptr) {
                 p.lse[row] = neg_inf();
             }
@@ -370,12 +399,22 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
     const int my_tiles = num_tiles > stream ? (num_tiles - stream + T::STREAMS - 1) / T::STREAMS : 0;
     // First key of the stream's i-th tile.
     auto tile_start = [&](int i) { return begin + (stream + i * T::STREAMS) * T::N; };
-    // With a window the first tiles depend on the length (without one they were issued above: every tile
-    // below my_tiles lies in the split and below max_len).
+    // With a window the first tiles depend on the length: those the hint placed at the split's real first
+    // key stand (the ones past the stream's last, if any, are only waited for below); otherwise they are
+    // waited for, their stages' barriers then count one completed phase more (`flip`, one bit per stage),
+    // and the tiles are issued again. Without a window every tile below my_tiles was issued above.
+    unsigned flip = 0;
     if (p.window > 0) {
+        if (early_begin != begin) {
+            if (stream_lane == 0)
+                for (int i = 0; i < issued; ++i) mbar_wait(&s.bar[stream][i], 0u);
+            flip = (1u << issued) - 1u;
+            issued = 0;
+        }
 #pragma unroll
         for (int i = 0; i < S - 1; ++i) {
-            if (i < my_tiles) issue_tile(tile_start(i), i);
+            // tile_start(i) < end is i < my_tiles.
+            if (i >= issued && tile_start(i) < end) issue_tile(tile_start(i), i);
         }
     }
     cp_async_wait<0>();
@@ -419,7 +458,7 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
         // This lane's ldmatrix row of the tile's K and V at unit offset 0 (see swizzled_step).
         const unsigned k_lane = ring_base + stage * (unsigned)sizeof(typename Shared::Ring) + k_lane_offset;
         const unsigned v_lane = k_lane - k_lane_offset + T::TILE_BYTES + v_lane_offset;
-        mbar_wait(&s.bar[stream][stage], (unsigned)(i / S) & 1u);
+        mbar_wait(&s.bar[stream][stage], ((unsigned)(i / S) ^ (flip >> stage)) & 1u);
         // Keys of the tile outside [first, end) (before the window in the sequence's first tile, past the
         // split's end in its last) are masked, but their V rows may hold anything, and 0 * NaN is NaN: they
         // are zeroed. A key's row is whole 128-byte lines of the tile (line 16 chunk + key; the swizzle only
@@ -551,6 +590,29 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
     int group = p.group, row_chunks = p.row_chunks;
     asm volatile("" : "+r"(group), "+r"(row_chunks));
     const int lane_row = (int)(blockIdx.x % (unsigned)row_chunks) * 16 + g;
+    if constexpr (T::STREAMS > 1) {
+        if (parts > 1) {
+            // Each stream's own partial, straight from registers; the combine merges the streams.
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int r = g + 8 * h;
+                if (r >= rows) continue;
+                const float l = l_row[h];
+                const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+                const float row_lse = l > 0.0f ? (m_row[h] + __log2f(l)) * LN2 : neg_inf();
+                float v[DT][2];
+#pragma unroll
+                for (int d = 0; d < DT; ++d) {
+                    v[d][0] = o[d][2 * h] * inv;
+                    v[d][1] = o[d][2 * h + 1] * inv;
+                }
+                int t, hq;
+                row_token_head(lane_row + 8 * h, group, hkv, t, hq);
+                decode_store_row<D, DT>(p, b, t, hq, split * T::STREAMS + stream, 2 * c, v, row_lse, c == 0);
+            }
+            return;
+        }
+    }
     if constexpr (T::STREAMS == 1) {
         // One stream (its SLICES warps hold the same m and l): each warp writes its D / SLICES dims.
 #pragma unroll
@@ -655,7 +717,8 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
     }
 }
 
-// Merges the splits of one output row: out = sum_s w_s o_s / sum_s w_s with w_s = exp(lse_s - max lse).
+// Merges the splits of one output row: out = sum_s w_s o_s / sum_s w_s with w_s = exp(lse_s - max lse),
+// over the num_splits partials (one per split, or per stream of each split: DECODE_STREAM_PARTIALS).
 // Splits with lse = -inf (no visible key; the decode kernels write their partial output as zeros) get
 // weight 0; a row with no split left gets zeros and lse = -inf. Block (row = blockIdx.x, chunk of
 // COMBINE_LANES vectors of 8 dims = blockIdx.y). The chain is short: every load is issued at once (thread

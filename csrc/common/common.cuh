@@ -112,10 +112,11 @@ SPK_DEVICE void store_u128(void* p, const uint4& v) { *reinterpret_cast<uint4*>(
 // ---------------------------------------------------------------------------------------------------------
 // Kernels launched with Device::launch_dependent may start while the previous kernel on the stream is still
 // finishing. Such a kernel calls pdl_wait() before its first global memory access (read or write): it
-// returns once the previous grid has completed and its writes are visible, so ordering is exactly that
-// of a plain stream. (A value read before the wait may be one the previous grid is still changing: it
-// serves only as a hint that the kernel checks against the same read after the wait.) pdl_launch_dependents() then lets the next kernel's blocks get scheduled early;
-// the next kernel still waits for this one to complete before touching memory.
+// returns once the previous grid has completed and its writes are visible, so ordering is exactly that of a
+// plain stream. (A value read before the wait may be one the previous grid is still changing: it serves
+// only as a hint that the kernel checks against the same read after the wait.) pdl_launch_dependents() then
+// lets the next kernel's blocks get scheduled early; the next kernel still waits for this one to complete
+// before touching memory.
 SPK_DEVICE void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");

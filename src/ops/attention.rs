@@ -20,6 +20,7 @@ use crate::runtime::name::KernelName;
 use crate::runtime::sources::KernelSource;
 use crate::runtime::tensor_map::{self, Bf16Tiled5d, TensorMap};
 use crate::runtime::DeviceInfo;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 pub static DECODE_SOURCE: KernelSource = KernelSource {
     name: "attention_decode",
@@ -275,6 +276,16 @@ pub struct DecodeArgs {
     pub scale: f32,
     /// `cap · tanh(logit / cap)` when set.
     pub softcap: Option<f32>,
+}
+
+static SKEW_LENGTH_HINT: AtomicBool = AtomicBool::new(false);
+
+/// Tests only: while on, decode launches made from then on read a wrong length hint (DECODE_SKEW_HINT), so
+/// that a GPU test can check that the windowed first tiles are issued again from the real length. Graphs
+/// keep the setting they were captured with.
+#[doc(hidden)]
+pub fn skew_length_hint(on: bool) {
+    SKEW_LENGTH_HINT.store(on, Ordering::Relaxed);
 }
 
 /// The validated problem and its launch plan.
@@ -725,8 +736,10 @@ fn device_params(device: &crate::runtime::Device, a: &DecodeArgs, plan: &Plan) -
         num_pages,
         scale: a.scale,
         softcap: a.softcap.unwrap_or(0.0),
-        // DECODE_STREAM_PARTIALS | DECODE_Q_FIRST
-        flags: i32::from(plan.parts() > plan.splits) | i32::from(plan.q_first) << 1,
+        // DECODE_STREAM_PARTIALS | DECODE_Q_FIRST | DECODE_SKEW_HINT
+        flags: i32::from(plan.parts() > plan.splits)
+            | i32::from(plan.q_first) << 1
+            | i32::from(SKEW_LENGTH_HINT.load(Ordering::Relaxed)) << 2,
     })
 }
 

@@ -44,7 +44,7 @@ struct DecodeParams {
     int num_splits, chunk_keys;
     int page_shift, num_pages;
     float scale, softcap;  // softcap <= 0: none
-    int flags;             // DECODE_STREAM_PARTIALS | DECODE_Q_FIRST
+    int flags;             // DECODE_STREAM_PARTIALS | DECODE_Q_FIRST | DECODE_SKEW_HINT
 };
 static_assert(sizeof(DecodeParams) == 512 && alignof(DecodeParams) == 64,
               "DecodeParams: size or alignment differs from ops::attention::KernelParams");
@@ -56,6 +56,9 @@ constexpr int DECODE_STREAM_PARTIALS = 1;
 // q's copies are issued right after the PDL wait, before the first tiles' (so that they do not queue behind
 // the tiles' bytes); without it, after them.
 constexpr int DECODE_Q_FIRST = 2;
+// Tests only (ops::attention::skew_length_hint): the window's length hint is made wrong (hint / 2 + split),
+// so that the tests reach the path that issues the first tiles again.
+constexpr int DECODE_SKEW_HINT = 4;
 
 SPK_DEVICE float neg_inf() { return __int_as_float(0xff800000); }
 
@@ -115,11 +118,11 @@ SPK_DEVICE void zero_partials(const DecodeParams& p, int b, int hkv, int row0, i
 // (one that turns out to lie past the sequence is only waited for); with a window they are issued from
 // the length read before the wait as a hint (see the kernel). At the end each lane writes its fragment
 // rows g and g + 8 from registers: the output, or with splits the fp32 partials and lse for the combine.
-// With one stream (D = 512) each warp writes its D / SLICES dims. With several and splits, each stream
-// writes its own partial (DECODE_STREAM_PARTIALS) and the combine merges them with the splits'. With
-// several and no split, warp w owns dims [w D / STREAMS, (w + 1) D / STREAMS): it receives the other
-// streams' m, l and O of those dims through shared memory (reusing the rings) and merges them with its own
-// by log-sum-exp.
+// With one stream (D = 512) each warp writes its D / SLICES dims. With several and splits, each stream may
+// write its own partial (DECODE_STREAM_PARTIALS, which ops::attention sets where a CTA holds at most 8
+// rows) and the combine merges them with the splits'. With several and one partial per CTA, warp w owns
+// dims [w D / STREAMS, (w + 1) D / STREAMS): it receives the other streams' m, l and O of those dims
+// through shared memory (reusing the rings) and merges them with its own by log-sum-exp.
 //
 // The tensor maps (encoded on the host per launch, ops::attention) view a cache as 5-d, innermost first:
 // (64 elements = 128 bytes of a head row, token, 64-element chunk of the row, KV head, sequence) for a
@@ -315,6 +318,7 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
     // place them elsewhere.
     int hint = 0;
     if (p.window > 0) hint = *reinterpret_cast<const volatile int*>(p.seq_lens + b);
+    if (p.flags & DECODE_SKEW_HINT) hint = hint / 2 + split;
     // Launched with programmatic dependent launch: nothing else is read before this wait.
     pdl_wait();
     const int seq_len = p.seq_lens[b];

@@ -594,31 +594,11 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
     int group = p.group, row_chunks = p.row_chunks;
     asm volatile("" : "+r"(group), "+r"(row_chunks));
     const int lane_row = (int)(blockIdx.x % (unsigned)row_chunks) * 16 + g;
-    if constexpr (T::STREAMS > 1) {
-        if (parts > 1) {
-            // Each stream's own partial, straight from registers; the combine merges the streams.
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int r = g + 8 * h;
-                if (r >= rows) continue;
-                const float l = l_row[h];
-                const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-                const float row_lse = l > 0.0f ? (m_row[h] + __log2f(l)) * LN2 : neg_inf();
-                float v[DT][2];
-#pragma unroll
-                for (int d = 0; d < DT; ++d) {
-                    v[d][0] = o[d][2 * h] * inv;
-                    v[d][1] = o[d][2 * h + 1] * inv;
-                }
-                int t, hq;
-                row_token_head(lane_row + 8 * h, group, hkv, t, hq);
-                decode_store_row<D, DT>(p, b, t, hq, split * T::STREAMS + stream, 2 * c, v, row_lse, c == 0);
-            }
-            return;
-        }
-    }
-    if constexpr (T::STREAMS == 1) {
-        // One stream (its SLICES warps hold the same m and l): each warp writes its D / SLICES dims.
+    // Rows straight from registers: with one stream (its SLICES warps hold the same m and l) each warp
+    // writes its D / SLICES dims of the split's partial; with several and one partial per stream, each
+    // stream writes its own whole rows (slice 0) and the combine merges the streams.
+    if (T::STREAMS == 1 || parts > 1) {
+        const int part = T::STREAMS == 1 ? split : split * T::STREAMS + stream;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int r = g + 8 * h;
@@ -634,10 +614,11 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
             }
             int t, hq;
             row_token_head(lane_row + 8 * h, group, hkv, t, hq);
-            decode_store_row<D, DT>(p, b, t, hq, split, slice * T::DO + 2 * c, v, row_lse,
-                                    c == 0 && slice == 0);
+            decode_store_row<D, DT>(p, b, t, hq, part, slice * T::DO + 2 * c, v, row_lse, c == 0 && slice == 0);
         }
-    } else {
+        return;
+    }
+    if constexpr (T::STREAMS > 1) {
         // Several streams, one warp each: warp w writes dims [w D / STREAMS, (w + 1) D / STREAMS), OWN n8
         // tiles of its accumulator; it passes the other streams their dims (and its m and l) through Merge.
         constexpr int OWN = DT / T::STREAMS;

@@ -328,11 +328,14 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
     // the hint. Those at or past my_tiles, known once the length is, lie past the sequence: they are only
     // waited for, so that no copy into the rings is outstanding when the CTA exits or the rings become
     // Merge.
+    // A length clamped to [0, max_len], and the first key any row of a sequence of that length sees.
+    auto clamp_len = [&](int l) { return min(max(l, 0), p.max_len); };
+    auto first_key = [&](int l) { return p.window > 0 ? max(0, l - p.tq + 1 - p.window) : 0; };
     int early_begin = split * p.chunk_keys;
     int early_limit = min(early_begin + p.chunk_keys, p.max_len);
     if (p.window > 0) {
-        const int hint_len = min(max(hint, 0), p.max_len);
-        early_begin += max(0, hint_len - p.tq + 1 - p.window) & ~(T::N - 1);
+        const int hint_len = clamp_len(hint);
+        early_begin += first_key(hint_len) & ~(T::N - 1);
         early_limit = min(early_begin + p.chunk_keys, hint_len);
     }
     auto copy_q = [&]() {
@@ -355,12 +358,12 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
     }
     if (!(p.flags & DECODE_Q_FIRST)) copy_q();
 
-    const int len = min(max(seq_len, 0), p.max_len);
+    const int len = clamp_len(seq_len);
     // The first key any row sees, and the start of the sequence's tiles: that key rounded down to a
     // multiple of N, so that a tile lies in one page. The keys before `first` in the first tile are masked
     // like any invisible key (and their V rows zeroed: they may hold anything). ops::attention sizes the
     // splits for the up to N - 1 extra keys.
-    const int first = p.window > 0 ? max(0, len - p.tq + 1 - p.window) : 0;
+    const int first = first_key(len);
     const int lo = first & ~(T::N - 1);
     const int begin = lo + split * p.chunk_keys;
     const int end = min(begin + p.chunk_keys, len);

@@ -4,8 +4,16 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// The repository the examples and headers are read from: the one this test was built in, or, for a staged
+/// copy of the test run where that path does not exist (bench/stage.sh, built in another checkout or on
+/// another machine), the current directory.
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    if built.join("examples_c").is_dir() {
+        built
+    } else {
+        std::env::current_dir().unwrap()
+    }
 }
 
 /// The folder of the libsparkinfer.so built with this test: `cargo test` leaves it in target/<profile>/deps

@@ -21,6 +21,8 @@ struct Config {
     q_len: usize,
     /// Tokens per page; None for a contiguous [batch, max, kv_heads, head_dim] cache.
     page_size: Option<usize>,
+    /// Contiguous only: [batch, kv_heads, max, head_dim] (each head's keys contiguous) instead.
+    head_major: bool,
 }
 
 const QWEN: (&str, usize, usize, usize, f32) = ("qwen3.5 16/2 hd256", 16, 2, 256, 0.0625);
@@ -29,7 +31,7 @@ const GENERIC: (&str, usize, usize, usize, f32) = ("generic 32/8 hd128", 32, 8, 
 
 fn config(shape: (&'static str, usize, usize, usize, f32), lens: Vec<i32>) -> Config {
     let (label, hq, hkv, d, scale) = shape;
-    Config { label, hq, hkv, d, window: None, scale, lens, q_len: 1, page_size: None }
+    Config { label, hq, hkv, d, window: None, scale, lens, q_len: 1, page_size: None, head_major: false }
 }
 
 fn configs() -> Vec<Config> {
@@ -58,6 +60,11 @@ fn configs() -> Vec<Config> {
         paged.page_size = Some(64);
         out.push(paged);
     }
+    // The same bytes with each KV head's keys contiguous: a K or V tile is one run of 16 · 512 bytes, not 16
+    // runs of 512 bytes a token's stride apart.
+    let mut head_major = config(QWEN, vec![32768]);
+    head_major.head_major = true;
+    out.push(head_major);
     out
 }
 
@@ -96,11 +103,12 @@ fn decode_row(b: &mut Bench, c: &Config) -> Result<Row> {
         table.swap(i, (b.rng.next_u64() % (i as u64 + 1)) as usize);
     }
     let table = DeviceBuffer::from_slice(b.device, &table)?;
+    let (stride_token, stride_head) = if c.head_major { (d, tokens_per_slot * d) } else { (hkv * d, d) };
     let cache = |ptr: u64| CacheTensor {
         ptr,
         stride_seq: (tokens_per_slot * hkv * d) as i64,
-        stride_token: (hkv * d) as i64,
-        stride_head: d as i64,
+        stride_token: stride_token as i64,
+        stride_head: stride_head as i64,
         elems: cache_elems as i64,
     };
     let layout = match c.page_size {
@@ -147,7 +155,11 @@ fn decode_row(b: &mut Bench, c: &Config) -> Result<Row> {
     } else {
         format!("B={batch} ctx {}-{max}", c.lens.iter().min().unwrap_or(&0))
     };
-    let layout_text = c.page_size.map_or(String::new(), |ps| format!(" paged {ps}"));
+    let layout_text = match (c.page_size, c.head_major) {
+        (Some(ps), _) => format!(" paged {ps}"),
+        (None, true) => " head-major".to_string(),
+        (None, false) => String::new(),
+    };
     let tq_text = if c.q_len > 1 { format!(" Tq={}", c.q_len) } else { String::new() };
     Ok(Row {
         op: "attention".into(),

@@ -112,6 +112,20 @@ fn decode_spread(
     info.shared_for_blocks_per_sm(decode_mma_shared_bytes(d), 1)
 }
 
+/// Dynamic shared memory for a decode grid of `ctas` CTAs that the launch does not spread: where the grid
+/// is smaller than the CTAs the SMs hold, enough that an SM holds at most ceil(ctas / SMs) of them, so that
+/// the block scheduler cannot stack them on some SMs and leave others idle (the placement that planning
+/// one CTA per SM without a hold measured as, docs/PERF.md); what the kernel needs otherwise.
+fn decode_hold(info: &DeviceInfo, d: usize, ctas: usize) -> usize {
+    let need = decode_mma_shared_bytes(d);
+    let (sms, ctas_per_sm) = decode_slots(Some(info), d);
+    let per_sm = ctas.div_ceil(sms).max(1);
+    if per_sm >= ctas_per_sm {
+        return need;
+    }
+    info.shared_for_blocks_per_sm(need, per_sm).unwrap_or(need)
+}
+
 /// Splits of the key range of each of `units` (sequence, KV head, row chunk) units and tiles per split,
 /// for a key range of `tiles` tiles (a tile: MMA_TILE_KEYS keys per stream of a CTA), on `sms` SMs that
 /// each hold `ctas_per_sm` decode CTAs.
@@ -521,6 +535,11 @@ fn validate(a: &DecodeArgs, device: Option<&DeviceInfo>, max_q_len: i64) -> Resu
     let (sms, ctas_per_sm) = decode_slots(device, d);
     let spread = device.and_then(|info| decode_spread(info, d, batch, hkv, row_chunks, tiles));
     let (splits, chunk_tiles) = split_plan(tiles, units, sms, if spread.is_some() { 1 } else { ctas_per_sm });
+    let shared_bytes = match (spread, device) {
+        (Some(bytes), _) => bytes,
+        (None, Some(info)) => decode_hold(info, d, units * splits),
+        (None, None) => decode_mma_shared_bytes(d),
+    };
     let plan = Plan {
         batch,
         q_len,
@@ -532,7 +551,7 @@ fn validate(a: &DecodeArgs, device: Option<&DeviceInfo>, max_q_len: i64) -> Resu
         row_chunks,
         splits,
         chunk_keys: chunk_tiles * keys,
-        shared_bytes: spread.unwrap_or(decode_mma_shared_bytes(d)),
+        shared_bytes,
         q_first: spread.is_some() && d == 256,
         q_strides,
         out_strides,

@@ -982,6 +982,23 @@ mod tests {
     }
 
     #[test]
+    fn grids_below_the_resident_slots_are_held_to_their_share() {
+        let (h100, sm120) = (device(132, 228), device(170, 100));
+        let need = decode_mma_shared_bytes(256);
+        // The local window: 8 KV heads × 33 splits = 264 CTAs of 396 slots, two per SM.
+        assert_eq!(split_plan(33, 8, 132, 3), (33, 1));
+        let held = decode_hold(&h100, 256, 264);
+        assert!(held > need && held <= SHARED_LIMIT && held.is_multiple_of(16));
+        assert_eq!(h100.blocks_per_sm_by_shared(held), 2);
+        // One per SM below the SM count; a grid of every slot or more, and sm_120's one slot, keep the need.
+        assert_eq!(h100.blocks_per_sm_by_shared(decode_hold(&h100, 256, 100)), 1);
+        assert_eq!([265, 396, 1000].map(|n| decode_hold(&h100, 256, n)), [need; 3]);
+        assert_eq!(decode_hold(&sm120, 256, 100), need);
+        assert_eq!(h100.blocks_per_sm_by_shared(decode_hold(&h100, 512, 100)), 1);
+        assert_eq!(decode_hold(&h100, 512, 133), decode_mma_shared_bytes(512));
+    }
+
+    #[test]
     fn single_sequences_spread_one_cta_per_sm() {
         let (h100, sm120) = (device(132, 228), device(170, 100));
         // Qwen3.5 (D = 256, 2 KV heads) ctx 32768 and 4096: one CTA per SM, 64 splits each.

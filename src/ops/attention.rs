@@ -114,8 +114,10 @@ fn decode_spread(
 
 /// Dynamic shared memory for a decode grid of `ctas` CTAs that the launch does not spread: where the grid
 /// is smaller than the CTAs the SMs hold, enough that an SM holds at most ceil(ctas / SMs) of them, so that
-/// the block scheduler cannot stack them on some SMs and leave others idle (the placement that planning
-/// one CTA per SM without a hold measured as, docs/PERF.md); what the kernel needs otherwise.
+/// the block scheduler cannot stack them on some SMs and leave others idle (a grid planned for one CTA per
+/// SM ran as if stacked without a hold, see decode_spread); what the kernel needs otherwise. On the H100 the
+/// local window's 264 CTAs held to two per SM took 7.75 µs against 8.1, Tq = 4 at ctx 4096 (256 CTAs)
+/// 10.97 against 11.25; generic ctx 4096 (256) did not move (docs/PERF.md). sm_120 / sm_121 hold one.
 fn decode_hold(info: &DeviceInfo, d: usize, ctas: usize) -> usize {
     let need = decode_mma_shared_bytes(d);
     let (sms, ctas_per_sm) = decode_slots(Some(info), d);
@@ -135,7 +137,8 @@ fn decode_hold(info: &DeviceInfo, d: usize, ctas: usize) -> usize {
 /// MAX_SPLITS; the tiles are then spread evenly. Planning fewer CTAs than the SMs hold measured slower
 /// (256 CTAs instead of 342 at Qwen3.5 ctx 32768 no faster; the generic shape and the batched rows 4-10%
 /// slower, docs/PERF.md): they then run as if placed unevenly. Where fewer, longer CTAs pay, the launch
-/// holds them to one per SM instead (decode_spread).
+/// holds them to one per SM instead (decode_spread); a grid that falls short of the slots anyway (fewer
+/// tiles than splits wanted) is held to its share of the SMs (decode_hold).
 fn split_plan(tiles: usize, units: usize, sms: usize, ctas_per_sm: usize) -> (usize, usize) {
     let (tiles, units) = (tiles.max(1), units.max(1));
     let wanted = ((ctas_per_sm * sms) / units).clamp(1, tiles.min(MAX_SPLITS));
@@ -317,7 +320,8 @@ struct Plan {
     splits: usize,
     chunk_keys: usize,
     /// Dynamic shared memory the decode kernel is launched with: what it needs, or more where the plan
-    /// spreads the CTAs one per SM (decode_spread).
+    /// spreads the CTAs one per SM (decode_spread) or holds a grid smaller than the resident slots to its
+    /// share of the SMs (decode_hold).
     shared_bytes: usize,
     /// q is copied before the first tiles (DECODE_Q_FIRST): on the spread plan at head dim 256, where it
     /// measured 0.25–0.35 µs faster on the H100; at head dim 128 (spread) it measured 0.25 µs slower.

@@ -112,12 +112,13 @@ fn decode_spread(
     info.shared_for_blocks_per_sm(decode_mma_shared_bytes(d), 1)
 }
 
-/// Dynamic shared memory for a decode grid of `ctas` CTAs that the launch does not spread: where the grid
-/// is smaller than the CTAs the SMs hold, enough that an SM holds at most ceil(ctas / SMs) of them, so that
-/// the block scheduler cannot stack them on some SMs and leave others idle (a grid planned for one CTA per
-/// SM ran as if stacked without a hold, see decode_spread); what the kernel needs otherwise. On the H100 the
-/// local window's 264 CTAs held to two per SM took 7.75 µs against 8.1, Tq = 4 at ctx 4096 (256 CTAs)
-/// 10.97 against 11.25; generic ctx 4096 (256) did not move (docs/PERF.md). sm_120 / sm_121 hold one.
+/// Dynamic shared memory for a decode grid of `ctas` CTAs: where the grid is smaller than the CTAs the SMs
+/// hold, enough that an SM holds at most ceil(ctas / SMs) of them, so that the block scheduler cannot stack
+/// them on some SMs and leave others idle (a grid planned for one CTA per SM ran as if stacked without a
+/// hold, see decode_spread; a spread grid, at most one CTA per SM, gets its request from here too); what the
+/// kernel needs otherwise. On the H100 the local window's 264 CTAs held to two per SM took 7.75 µs against
+/// 8.1, Tq = 4 at ctx 4096 (256 CTAs) 10.97 against 11.25; generic ctx 4096 (256) did not move
+/// (docs/PERF.md). sm_120 / sm_121 hold one.
 fn decode_hold(info: &DeviceInfo, d: usize, ctas: usize) -> usize {
     let need = decode_mma_shared_bytes(d);
     let (sms, ctas_per_sm) = decode_slots(Some(info), d);
@@ -319,9 +320,9 @@ struct Plan {
     row_chunks: usize,
     splits: usize,
     chunk_keys: usize,
-    /// Dynamic shared memory the decode kernel is launched with: what it needs, or more where the plan
-    /// spreads the CTAs one per SM (decode_spread) or holds a grid smaller than the resident slots to its
-    /// share of the SMs (decode_hold).
+    /// Dynamic shared memory the decode kernel is launched with: what it needs, or more where the grid is
+    /// smaller than the resident slots, to hold it to its share of the SMs (decode_hold; one per SM where
+    /// the plan spreads the CTAs, decode_spread).
     shared_bytes: usize,
     /// q is copied before the first tiles (DECODE_Q_FIRST): on the spread plan at head dim 256, where it
     /// measured 0.25–0.35 µs faster on the H100; at head dim 128 (spread) it measured 0.25 µs slower.
@@ -539,11 +540,8 @@ fn validate(a: &DecodeArgs, device: Option<&DeviceInfo>, max_q_len: i64) -> Resu
     let (sms, ctas_per_sm) = decode_slots(device, d);
     let spread = device.and_then(|info| decode_spread(info, d, batch, hkv, row_chunks, tiles));
     let (splits, chunk_tiles) = split_plan(tiles, units, sms, if spread.is_some() { 1 } else { ctas_per_sm });
-    let shared_bytes = match (spread, device) {
-        (Some(bytes), _) => bytes,
-        (None, Some(info)) => decode_hold(info, d, units * splits),
-        (None, None) => decode_mma_shared_bytes(d),
-    };
+    // Spread or not, the grid's CTAs per SM follow from its size (a spread grid's request is decode_spread's).
+    let shared_bytes = device.map_or(decode_mma_shared_bytes(d), |info| decode_hold(info, d, units * splits));
     let plan = Plan {
         batch,
         q_len,
@@ -1000,6 +998,8 @@ mod tests {
         assert_eq!(decode_hold(&sm120, 256, 100), need);
         assert_eq!(h100.blocks_per_sm_by_shared(decode_hold(&h100, 512, 100)), 1);
         assert_eq!(decode_hold(&h100, 512, 133), decode_mma_shared_bytes(512));
+        // A spread grid (Qwen3.5 ctx 32768: 2 KV heads × 64 splits) gets decode_spread's request.
+        assert_eq!(Some(decode_hold(&h100, 256, 128)), decode_spread(&h100, 256, 1, 2, 1, 1024));
     }
 
     #[test]

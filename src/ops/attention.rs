@@ -53,6 +53,13 @@ const PREFILL_THREADS: u32 = 128;
 const COMBINE_THREADS: u32 = 256;
 /// 8-dim vectors per block of the split combine (COMBINE_LANES); head dims are multiples of 32.
 const COMBINE_LANES: usize = 4;
+/// Threads per block of the combine for rows with few partials (COMBINE_ROWS_THREADS): D / 8 per row.
+const COMBINE_ROWS_THREADS: usize = 64;
+/// Most partials per row merged by `attention_combine_rows_kernel` (each thread reads all of a row's, in
+/// batches of 8); rows with more take `attention_combine_kernel` (one partial per thread, D / 32 blocks per
+/// row). Batches leave few partials per row (B = 16 at 1K-32K 24, B = 64 at 4K 6), single sequences many
+/// (Qwen3.5 ctx 32768 132).
+const COMBINE_ROWS_MAX_PARTS: usize = 32;
 /// Rows (query heads × new tokens) per CTA of the decode kernel (`flash_decode_mma_kernel`): one m16
 /// tile; group × Tq above it is spread over row chunks.
 const MMA_ROWS: usize = 16;
@@ -203,11 +210,16 @@ fn combine_name(d: usize) -> KernelName {
     kernel_name!("attention_combine_kernel<{d}>")
 }
 
+fn combine_rows_name(d: usize) -> KernelName {
+    kernel_name!("attention_combine_rows_kernel<{d}>")
+}
+
 fn decode_instantiations() -> Vec<String> {
     let mut names = Vec::new();
     for d in HEAD_DIMS {
         names.push(decode_mma_name(d).to_string());
         names.push(combine_name(d).to_string());
+        names.push(combine_rows_name(d).to_string());
     }
     names.extend(PREFILL_HEAD_DIMS.iter().map(|&d| prefill_name(d).to_string()));
     names
@@ -815,17 +827,27 @@ pub unsafe fn decode(ctx: &Context, a: &DecodeArgs, stream: Stream) -> Result<()
             // so only their launch overlaps the kernel before them.
             unsafe { device.launch_dependent(&kernel, grid, (threads, 1, 1), shared as u32, stream.raw(), &mut args)? };
             if split {
-                let combine = device.kernel(&DECODE_SOURCE, &combine_name(plan.d))?;
-                // One block per output row and chunk of COMBINE_LANES * 8 dims; programmatic dependent
-                // launch (the kernel waits for the decode grid before reading).
-                let grid = (plan.output_rows() as u32, (plan.d / (COMBINE_LANES * 8)) as u32, 1);
+                // Programmatic dependent launch: the kernel waits for the decode grid before reading.
+                let (name, grid, threads) = combine_launch(&plan);
+                let combine = device.kernel(&DECODE_SOURCE, &name)?;
                 let mut args = crate::kernel_args![params];
-                unsafe {
-                    device.launch_dependent(&combine, grid, (COMBINE_THREADS, 1, 1), 0, stream.raw(), &mut args)?
-                };
+                unsafe { device.launch_dependent(&combine, grid, (threads, 1, 1), 0, stream.raw(), &mut args)? };
             }
             Ok(())
         }
+    }
+}
+
+/// The split combine of `plan`: kernel, grid and threads per block. Rows with at most COMBINE_ROWS_MAX_PARTS
+/// partials take `attention_combine_rows_kernel`, COMBINE_ROWS_THREADS / (D / 8) rows per block; others
+/// `attention_combine_kernel`, one block per row and chunk of COMBINE_LANES · 8 dims.
+fn combine_launch(plan: &Plan) -> (KernelName, (u32, u32, u32), u32) {
+    if plan.parts() <= COMBINE_ROWS_MAX_PARTS {
+        let blocks = plan.output_rows().div_ceil(COMBINE_ROWS_THREADS / (plan.d / 8));
+        (combine_rows_name(plan.d), (blocks as u32, 1, 1), COMBINE_ROWS_THREADS as u32)
+    } else {
+        let grid = (plan.output_rows() as u32, (plan.d / (COMBINE_LANES * 8)) as u32, 1);
+        (combine_name(plan.d), grid, COMBINE_THREADS)
     }
 }
 
@@ -1072,6 +1094,28 @@ mod tests {
                 assert_eq!(plan.workspace_bytes(), bytes, "D={d} splits={splits}");
             }
         }
+    }
+
+    #[test]
+    fn rows_with_few_partials_take_the_row_combine() {
+        // B = 64 at 4K (3 splits of two streams): 1024 rows of Qwen3.5, two per block of 64 threads.
+        let b64 = Plan { batch: 64, ..plan_of(256, 3) };
+        let (name, grid, threads) = combine_launch(&b64);
+        assert_eq!(
+            (b64.parts(), name.to_string(), grid, threads),
+            (6, combine_rows_name(256).to_string(), (512, 1, 1), 64)
+        );
+        // Head dims 64 and 512, 48 rows: 8 rows per block (6 blocks) and one (48).
+        assert_eq!(combine_launch(&Plan { batch: 3, ..plan_of(64, 8) }).1, (6, 1, 1));
+        assert_eq!(combine_launch(&Plan { batch: 3, ..plan_of(512, 8) }).1, (48, 1, 1));
+        // At most COMBINE_ROWS_MAX_PARTS partials: 16 splits of two streams, or 32 of one.
+        assert_eq!(combine_launch(&plan_of(256, 16)).0.to_string(), combine_rows_name(256).to_string());
+        assert_eq!(combine_launch(&plan_of(512, 32)).0.to_string(), combine_rows_name(512).to_string());
+        // Qwen3.5 ctx 32768 spread (128 partials per row) and 17 splits of two streams: a block per row and
+        // 32 dims.
+        let (name, grid, threads) = combine_launch(&plan_of(256, 64));
+        assert_eq!((name.to_string(), grid, threads), (combine_name(256).to_string(), (16, 8, 1), 256));
+        assert_eq!(combine_launch(&plan_of(256, 17)).0.to_string(), combine_name(256).to_string());
     }
 
     #[test]

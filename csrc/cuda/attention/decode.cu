@@ -815,6 +815,84 @@ template <int D> __global__ void __launch_bounds__(COMBINE_THREADS) attention_co
     if (p.lse != nullptr && vec == 0) p.lse[row] = total > 0.0f ? mx + logf(total) : neg_inf();
 }
 
+// The same merge for rows with few partials (ops::attention::COMBINE_ROWS_MAX_PARTS), as a batch leaves
+// them: each thread takes 8 dims of one row and every partial of it in turn, COMBINE_ROWS_BATCH partials'
+// loads at a time, with no barrier; a block takes COMBINE_ROWS_THREADS / (D / 8) rows. The block per row and
+// chunk of dims above holds one split per thread, so with few partials most of its threads are idle and a
+// batch of many rows takes several waves of short, latency-bound blocks (B = 64 sequences at 4K, 6 partials
+// per row: 8192 blocks). Same weights and order of the sums over the partials; the same PDL protocol.
+constexpr int COMBINE_ROWS_THREADS = 64;
+constexpr int COMBINE_ROWS_BATCH = 8;
+
+template <int D>
+__global__ void __launch_bounds__(COMBINE_ROWS_THREADS) attention_combine_rows_kernel(const DecodeParams p) {
+    constexpr int VECS = D / 8;  // threads per row
+    constexpr int BATCH = COMBINE_ROWS_BATCH;
+    static_assert(COMBINE_ROWS_THREADS % VECS == 0, "whole rows per block");
+    pdl_wait();
+    pdl_launch_dependents();
+    const i64 row = (i64)blockIdx.x * (COMBINE_ROWS_THREADS / VECS) + threadIdx.x / VECS;
+    if (row >= (i64)p.batch * p.tq * p.hq) return;
+    const int vec = threadIdx.x % VECS;
+    const int hq = (int)(row % p.hq);
+    const int t = (int)((row / p.hq) % p.tq);
+    const int b = (int)(row / ((i64)p.hq * p.tq));
+    const int splits = p.num_splits;
+    const float* lse = p.part_lse + row * splits;
+    const float* src = p.part_o + row * splits * D + vec * 8;
+
+    // The row's max lse: the threads of a row read the same values (one broadcast load per warp each).
+    float mx = neg_inf();
+    for (int s0 = 0; s0 < splits; s0 += BATCH) {
+        float l[BATCH];
+#pragma unroll
+        for (int k = 0; k < BATCH; ++k) l[k] = s0 + k < splits ? lse[s0 + k] : neg_inf();
+#pragma unroll
+        for (int k = 0; k < BATCH; ++k) mx = fmaxf(mx, l[k]);
+    }
+    float acc[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
+    float total = 0.0f;
+    for (int s0 = 0; s0 < splits; s0 += BATCH) {
+        float4 va[BATCH], vb[BATCH];
+        float e[BATCH];
+#pragma unroll
+        for (int k = 0; k < BATCH; ++k) {
+            const int s = s0 + k;
+            va[k] = vb[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            e[k] = neg_inf();
+            if (s < splits) {
+                va[k] = *reinterpret_cast<const float4*>(src + (i64)s * D);
+                vb[k] = *reinterpret_cast<const float4*>(src + (i64)s * D + 4);
+                e[k] = lse[s];
+            }
+        }
+        // Weight 0 for an empty split (lse = -inf) and for every split of an empty row (max -inf).
+#pragma unroll
+        for (int k = 0; k < BATCH; ++k) {
+            const float w = mx == neg_inf() ? 0.0f : expf(e[k] - mx);
+            total += w;
+            acc[0] = fmaf(w, va[k].x, acc[0]);
+            acc[1] = fmaf(w, va[k].y, acc[1]);
+            acc[2] = fmaf(w, va[k].z, acc[2]);
+            acc[3] = fmaf(w, va[k].w, acc[3]);
+            acc[4] = fmaf(w, vb[k].x, acc[4]);
+            acc[5] = fmaf(w, vb[k].y, acc[5]);
+            acc[6] = fmaf(w, vb[k].z, acc[6]);
+            acc[7] = fmaf(w, vb[k].w, acc[7]);
+        }
+    }
+    const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+    float o[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) o[j] = acc[j] * inv;
+    store_u128(
+        p.out + (i64)b * p.out_stride_batch + (i64)t * p.out_stride_token + (i64)hq * p.out_stride_head + vec * 8,
+        f32_to_bf16x8(o));
+    if (p.lse != nullptr && vec == 0) p.lse[row] = total > 0.0f ? mx + logf(total) : neg_inf();
+}
+
 // Prefill: attention of a chunk of T query tokens (up to 8192) against the cache, on tensor cores.
 //
 // Same parameters and masking as flash decode (q_len = T; the chunk's tokens are the last T of the cache).

@@ -10,7 +10,8 @@
 //! above 16, e.g. group 8 verifying 4 draft tokens, takes several row chunks); each warp, or at D = 512
 //! each pair of warps splitting the output dims, streams its own keys, 16 at a time by two TMA copies
 //! through tensor maps of the K and V caches encoded per launch (`cache_tensor_map`). The split
-//! partials are merged by `attention_combine_kernel`.
+//! partials are merged by `attention_combine_kernel`, or where a row has few of them (batches) by
+//! `attention_combine_rows_kernel`.
 
 use super::{check_dim, check_ptr, overlaps, Backend, Context, Stream};
 use crate::error::{Error, Result};

@@ -289,8 +289,13 @@ fn model_shapes_at_long_context_and_large_batches() {
 #[ignore = "needs a CUDA GPU"]
 fn length_zero_gives_zeros_and_minus_infinity() {
     let gpu = Gpu::new();
-    for d in [64, 256, 512] {
-        let c = at_lens(base(2, 16, 2, d), &[0, 5, 0, if small() { 1025 } else { 4097 }]);
+    let long = if small() { 1025 } else { 4097 };
+    // Four sequences merge many partials per row (attention_combine_kernel); sixteen, few
+    // (attention_combine_rows_kernel).
+    let four = [0, 5, 0, long];
+    let sixteen = [0, 5, 0, long, 0, 3, 700, 0, 1, 0, 64, 0, 2, 0, 0, 900];
+    for (d, lens) in [64, 256, 512].into_iter().flat_map(|d| [(d, &four[..]), (d, &sixteen[..])]) {
+        let c = at_lens(base(2, 16, 2, d), lens);
         let seed = Rng::fresh_seed();
         let mut rng = Rng::new(seed);
         let (q, k, v) = random_inputs(&c, &mut rng);
@@ -299,7 +304,7 @@ fn length_zero_gives_zeros_and_minus_infinity() {
         let run = run_decode(&gpu.ctx, gpu.stream(), &c, &q, &kc, &vc, &order).unwrap();
         let (out, lse) = (run.out, run.lse);
         let row = c.q_len * c.num_q_heads;
-        for b in [0, 2] {
+        for b in (0..lens.len()).filter(|&b| lens[b] == 0) {
             let o = &out[b * row * d..(b + 1) * row * d];
             assert!(o.iter().all(|&x| x == 0.0), "{} seq {b}: output not all zero", c.describe());
             assert!(

@@ -719,6 +719,43 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
 // kernel's blocks be scheduled (that kernel waits for this grid's completion before it touches memory), so
 // that their launch and prologue overlap the merge. Letting them in before its wait put the next decode
 // grid's blocks on the SMs beside the running one, which measured up to 0.9 µs slower (docs/PERF.md).
+// acc += w (a, b): one partial's 8 dims, weighted (both combines).
+SPK_DEVICE void combine_fma8(float (&acc)[8], float w, const float4& a, const float4& b) {
+    acc[0] = fmaf(w, a.x, acc[0]);
+    acc[1] = fmaf(w, a.y, acc[1]);
+    acc[2] = fmaf(w, a.z, acc[2]);
+    acc[3] = fmaf(w, a.w, acc[3]);
+    acc[4] = fmaf(w, b.x, acc[4]);
+    acc[5] = fmaf(w, b.y, acc[5]);
+    acc[6] = fmaf(w, b.z, acc[6]);
+    acc[7] = fmaf(w, b.w, acc[7]);
+}
+
+// Output row `row` of both combines: its sequence b, token t and query head hq.
+struct CombineRow {
+    i64 row;
+    int b, t, hq;
+};
+
+SPK_DEVICE CombineRow combine_row(const DecodeParams& p, i64 row) {
+    const int hq = (int)(row % p.hq);
+    const int t = (int)((row / p.hq) % p.tq);
+    const int b = (int)(row / ((i64)p.hq * p.tq));
+    return {row, b, t, hq};
+}
+
+// Dims [8 vec, 8 vec + 8) of output row r: the merged o as bf16, and with vec = 0 the row's lse, mx +
+// ln(total) (-inf for a row of no weight).
+SPK_DEVICE void combine_store(const DecodeParams& p, const CombineRow& r, int vec, const float (&o)[8], float mx,
+                              float total) {
+    const int b = r.b, t = r.t, hq = r.hq;
+    const i64 row = r.row;
+    store_u128(
+        p.out + (i64)b * p.out_stride_batch + (i64)t * p.out_stride_token + (i64)hq * p.out_stride_head + vec * 8,
+        f32_to_bf16x8(o));
+    if (p.lse != nullptr && vec == 0) p.lse[row] = total > 0.0f ? mx + logf(total) : neg_inf();
+}
+
 constexpr int COMBINE_THREADS = 256;
 constexpr int COMBINE_LANES = 4;
 constexpr int COMBINE_MAX_SPLITS = 256;  // ops::attention::MAX_SPLITS
@@ -736,9 +773,7 @@ template <int D> __global__ void __launch_bounds__(COMBINE_THREADS) attention_co
     pdl_wait();
     pdl_launch_dependents();
     const i64 row = blockIdx.x;
-    const int hq = (int)(row % p.hq);
-    const int t = (int)((row / p.hq) % p.tq);
-    const int b = (int)(row / ((i64)p.hq * p.tq));
+    const CombineRow out_row = combine_row(p, row);
     const int splits = p.num_splits;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int lane_v = tid % LANES;
@@ -777,14 +812,7 @@ template <int D> __global__ void __launch_bounds__(COMBINE_THREADS) attention_co
         const int s = slice + k * SLICES;
         if (s < splits) {
             const float w = weight[s];
-            acc[0] = fmaf(w, va[k].x, acc[0]);
-            acc[1] = fmaf(w, va[k].y, acc[1]);
-            acc[2] = fmaf(w, va[k].z, acc[2]);
-            acc[3] = fmaf(w, va[k].w, acc[3]);
-            acc[4] = fmaf(w, vb[k].x, acc[4]);
-            acc[5] = fmaf(w, vb[k].y, acc[5]);
-            acc[6] = fmaf(w, vb[k].z, acc[6]);
-            acc[7] = fmaf(w, vb[k].w, acc[7]);
+            combine_fma8(acc, w, va[k], vb[k]);
         }
     }
     // The warp's slices (lanes with the same lane_v), then the warps'.
@@ -809,10 +837,7 @@ template <int D> __global__ void __launch_bounds__(COMBINE_THREADS) attention_co
         for (int w = 0; w < WARPS; ++w) sum += part[w][lane_v][j];
         o[j] = sum * inv;
     }
-    store_u128(
-        p.out + (i64)b * p.out_stride_batch + (i64)t * p.out_stride_token + (i64)hq * p.out_stride_head + vec * 8,
-        f32_to_bf16x8(o));
-    if (p.lse != nullptr && vec == 0) p.lse[row] = total > 0.0f ? mx + logf(total) : neg_inf();
+    combine_store(p, out_row, vec, o, mx, total);
 }
 
 // The same merge for rows with few partials (ops::attention::COMBINE_ROWS_MAX_PARTS), as a batch leaves
@@ -834,9 +859,7 @@ __global__ void __launch_bounds__(COMBINE_ROWS_THREADS) attention_combine_rows_k
     const i64 row = (i64)blockIdx.x * (COMBINE_ROWS_THREADS / VECS) + threadIdx.x / VECS;
     if (row >= (i64)p.batch * p.tq * p.hq) return;
     const int vec = threadIdx.x % VECS;
-    const int hq = (int)(row % p.hq);
-    const int t = (int)((row / p.hq) % p.tq);
-    const int b = (int)(row / ((i64)p.hq * p.tq));
+    const CombineRow out_row = combine_row(p, row);
     const int splits = p.num_splits;
     const float* lse = p.part_lse + row * splits;
     const float* src = p.part_o + row * splits * D + vec * 8;
@@ -873,24 +896,14 @@ __global__ void __launch_bounds__(COMBINE_ROWS_THREADS) attention_combine_rows_k
         for (int k = 0; k < BATCH; ++k) {
             const float w = mx == neg_inf() ? 0.0f : expf(e[k] - mx);
             total += w;
-            acc[0] = fmaf(w, va[k].x, acc[0]);
-            acc[1] = fmaf(w, va[k].y, acc[1]);
-            acc[2] = fmaf(w, va[k].z, acc[2]);
-            acc[3] = fmaf(w, va[k].w, acc[3]);
-            acc[4] = fmaf(w, vb[k].x, acc[4]);
-            acc[5] = fmaf(w, vb[k].y, acc[5]);
-            acc[6] = fmaf(w, vb[k].z, acc[6]);
-            acc[7] = fmaf(w, vb[k].w, acc[7]);
+            combine_fma8(acc, w, va[k], vb[k]);
         }
     }
     const float inv = total > 0.0f ? 1.0f / total : 0.0f;
     float o[8];
 #pragma unroll
     for (int j = 0; j < 8; ++j) o[j] = acc[j] * inv;
-    store_u128(
-        p.out + (i64)b * p.out_stride_batch + (i64)t * p.out_stride_token + (i64)hq * p.out_stride_head + vec * 8,
-        f32_to_bf16x8(o));
-    if (p.lse != nullptr && vec == 0) p.lse[row] = total > 0.0f ? mx + logf(total) : neg_inf();
+    combine_store(p, out_row, vec, o, mx, total);
 }
 
 // Prefill: attention of a chunk of T query tokens (up to 8192) against the cache, on tensor cores.

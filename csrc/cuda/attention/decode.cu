@@ -705,20 +705,6 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
     }
 }
 
-// Merges the splits of one output row: out = sum_s w_s o_s / sum_s w_s with w_s = exp(lse_s - max lse),
-// over the num_splits partials (one per split, or per stream of each split: DECODE_STREAM_PARTIALS).
-// Splits with lse = -inf (no visible key; the decode kernels write their partial output as zeros) get
-// weight 0; a row with no split left gets zeros and lse = -inf. Block (row = blockIdx.x, chunk of
-// COMBINE_LANES vectors of 8 dims = blockIdx.y). The chain is short: every load is issued at once (thread
-// i's lse is split i's, and each thread's partial outputs are of every SLICES-th split for one vector);
-// the block's max lse and the weights follow from two block reductions, so that the sum over the splits is
-// a plain weighted sum (no rescaling between threads); then the slices are summed by warp shuffles and
-// shared memory, in a fixed order.
-// Launched with programmatic dependent launch after the decode kernel, which lets its blocks be scheduled
-// from its start: nothing is read before pdl_wait(). Once the decode grid is done, it lets the next
-// kernel's blocks be scheduled (that kernel waits for this grid's completion before it touches memory), so
-// that their launch and prologue overlap the merge. Letting them in before its wait put the next decode
-// grid's blocks on the SMs beside the running one, which measured up to 0.9 µs slower (docs/PERF.md).
 // acc += w (a, b): one partial's 8 dims, weighted (both combines).
 SPK_DEVICE void combine_fma8(float (&acc)[8], float w, const float4& a, const float4& b) {
     acc[0] = fmaf(w, a.x, acc[0]);
@@ -748,14 +734,26 @@ SPK_DEVICE CombineRow combine_row(const DecodeParams& p, i64 row) {
 // ln(total) (-inf for a row of no weight).
 SPK_DEVICE void combine_store(const DecodeParams& p, const CombineRow& r, int vec, const float (&o)[8], float mx,
                               float total) {
-    const int b = r.b, t = r.t, hq = r.hq;
-    const i64 row = r.row;
-    store_u128(
-        p.out + (i64)b * p.out_stride_batch + (i64)t * p.out_stride_token + (i64)hq * p.out_stride_head + vec * 8,
-        f32_to_bf16x8(o));
-    if (p.lse != nullptr && vec == 0) p.lse[row] = total > 0.0f ? mx + logf(total) : neg_inf();
+    store_u128(p.out + (i64)r.b * p.out_stride_batch + (i64)r.t * p.out_stride_token +
+                   (i64)r.hq * p.out_stride_head + vec * 8,
+               f32_to_bf16x8(o));
+    if (p.lse != nullptr && vec == 0) p.lse[r.row] = total > 0.0f ? mx + logf(total) : neg_inf();
 }
 
+// Merges the splits of one output row: out = sum_s w_s o_s / sum_s w_s with w_s = exp(lse_s - max lse),
+// over the num_splits partials (one per split, or per stream of each split: DECODE_STREAM_PARTIALS).
+// Splits with lse = -inf (no visible key; the decode kernels write their partial output as zeros) get
+// weight 0; a row with no split left gets zeros and lse = -inf. Block (row = blockIdx.x, chunk of
+// COMBINE_LANES vectors of 8 dims = blockIdx.y). The chain is short: every load is issued at once (thread
+// i's lse is split i's, and each thread's partial outputs are of every SLICES-th split for one vector);
+// the block's max lse and the weights follow from two block reductions, so that the sum over the splits is
+// a plain weighted sum (no rescaling between threads); then the slices are summed by warp shuffles and
+// shared memory, in a fixed order.
+// Launched with programmatic dependent launch after the decode kernel, which lets its blocks be scheduled
+// from its start: nothing is read before pdl_wait(). Once the decode grid is done, it lets the next
+// kernel's blocks be scheduled (that kernel waits for this grid's completion before it touches memory), so
+// that their launch and prologue overlap the merge. Letting them in before its wait put the next decode
+// grid's blocks on the SMs beside the running one, which measured up to 0.9 µs slower (docs/PERF.md).
 constexpr int COMBINE_THREADS = 256;
 constexpr int COMBINE_LANES = 4;
 constexpr int COMBINE_MAX_SPLITS = 256;  // ops::attention::MAX_SPLITS
@@ -845,7 +843,8 @@ template <int D> __global__ void __launch_bounds__(COMBINE_THREADS) attention_co
 // loads at a time, with no barrier; a block takes COMBINE_ROWS_THREADS / (D / 8) rows. The block per row and
 // chunk of dims above holds one split per thread, so with few partials most of its threads are idle and a
 // batch of many rows takes several waves of short, latency-bound blocks (B = 64 sequences at 4K, 6 partials
-// per row: 8192 blocks). Same weights and order of the sums over the partials; the same PDL protocol.
+// per row: 8192 blocks). The same weights, summed over the partials in order (the kernel above sums each
+// thread's partials, then the threads'); the same PDL protocol.
 constexpr int COMBINE_ROWS_THREADS = 64;
 constexpr int COMBINE_ROWS_BATCH = 8;
 

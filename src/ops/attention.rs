@@ -59,7 +59,9 @@ const COMBINE_ROWS_THREADS: usize = 64;
 /// Most partials per row merged by `attention_combine_rows_kernel` (each thread reads all of a row's, in
 /// batches of 8); rows with more take `attention_combine_kernel` (one partial per thread, D / 32 blocks per
 /// row). Batches leave few partials per row (B = 16 at 1K-32K 24, B = 64 at 4K 6), single sequences many
-/// (Qwen3.5 ctx 32768 128).
+/// (Qwen3.5 ctx 32768 128). The crossover lies between 32 and 48 on the H100: Qwen3.5 B = 12 at 8K (32
+/// partials) took 73.9 µs with this kernel against 76.0 with the other, B = 8 at 8K (48) 54.8 against 53.25
+/// (docs/PERF.md, the sweep at 86981fc).
 const COMBINE_ROWS_MAX_PARTS: usize = 32;
 /// Rows (query heads × new tokens) per CTA of the decode kernel (`flash_decode_mma_kernel`): one m16
 /// tile; group × Tq above it is spread over row chunks.

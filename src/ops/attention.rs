@@ -882,7 +882,9 @@ pub unsafe fn prefill(ctx: &Context, a: &DecodeArgs, stream: Stream) -> Result<(
             }
             let kernel = device.kernel(&DECODE_SOURCE, &prefill_name(plan.d))?;
             kernel.set_max_dynamic_shared(shared as u32)?;
-            let grid = (plan.q_len.div_ceil(prefill_m(plan.d)) as u32, plan.hq as u32, plan.batch as u32);
+            // Query heads along x, row blocks along y (the kernel takes them from the last: under causal
+            // masking those see the most keys, so they go first).
+            let grid = (plan.hq as u32, plan.q_len.div_ceil(prefill_m(plan.d)) as u32, plan.batch as u32);
             let mut args = crate::kernel_args![params];
             unsafe { device.launch(&kernel, grid, (PREFILL_THREADS, 1, 1), shared as u32, stream.raw(), &mut args) }
         }

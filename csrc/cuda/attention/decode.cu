@@ -908,15 +908,21 @@ __global__ void __launch_bounds__(COMBINE_ROWS_THREADS) attention_combine_rows_k
 // Prefill: attention of a chunk of T query tokens (up to 8192) against the cache, on tensor cores.
 //
 // Same parameters and masking as flash decode (q_len = T; the chunk's tokens are the last T of the cache).
-// One CTA of 4 warps takes M query rows of one query head; key tiles of 32 keys are fetched with
-// cp.async; S = Q K^T and O += P V run as mma.sync m16n8k16 (bf16 in, fp32 accumulators), with the online
-// softmax on the accumulator fragments and P re-packed as bf16 A fragments in registers. Up to D = 256
-// each warp owns 16 rows (M = 64); at D = 512, whose 16 x 512 fp32 output tile would not fit one warp's
-// registers, a pair of warps shares 16 rows (M = 32): both compute the same scores (the same
-// instructions on the same data, so bitwise the same softmax state) and each accumulates P V for half of
-// the output dims, as the decode kernel does. Shared memory: Q [M][D] and one K and one V tile [32][D],
-// rows padded by 16 bytes for conflict-free ldmatrix (at most 97.5 KiB, for D = 512). Correctness first:
-// one pipeline stage.
+// One CTA of 4 warps takes M query rows of one query head; S = Q K^T and O += P V run as mma.sync m16n8k16
+// (bf16 in, fp32 accumulators), with the online softmax on the accumulator fragments and P re-packed as
+// bf16 A fragments in registers. Up to D = 256 each warp owns 16 rows (M = 64); at D = 512, whose 16 x 512
+// fp32 output tile would not fit one warp's registers, a pair of warps shares 16 rows (M = 32): both
+// compute the same scores (the same instructions on the same data, so bitwise the same softmax state) and
+// each accumulates P V for half of the output dims, as the decode kernel does. Shared memory: Q [M][D] and
+// one K and one V tile [32][D], rows padded by 16 bytes for conflict-free ldmatrix (at most 97.5 KiB, for
+// D = 512).
+//
+// Key tiles of 32 keys are copied with cp.async, K and V apart, so that each copy overlaps the other half
+// of the math: V of tile j lands while S = Q K^T of tile j runs, K of tile j + 1 while O += P V of tile j
+// runs. Scores are kept in log2 units (ex2.approx); a tile that every row of a warp sees whole skips the
+// per-element mask, and the accumulator is rescaled only when a row's running max moved. Under causal
+// masking the rows late in the chunk see the most keys: their CTAs come first (row block gridDim.y - 1 -
+// blockIdx.y, the query heads along x), so that the last wave holds the short ones.
 constexpr int PREFILL_THREADS = 128;
 constexpr int PREFILL_N = 32;
 
@@ -948,8 +954,8 @@ __global__ void __launch_bounds__(PREFILL_THREADS, 1) attention_prefill_kernel(c
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int rows16 = warp / T::SLICES, slice = warp % T::SLICES;  // the warp's 16 rows, its output dims
     const int g = lane >> 2, c = lane & 3;
-    const int m0 = blockIdx.x * M;
-    const int hq = blockIdx.y;
+    const int m0 = (int)(gridDim.y - 1 - blockIdx.y) * M;
+    const int hq = blockIdx.x;
     const int b = blockIdx.z;
     const int hkv = hq / p.group;
 
@@ -961,7 +967,24 @@ __global__ void __launch_bounds__(PREFILL_THREADS, 1) attention_prefill_kernel(c
     const int lo = p.window > 0 ? max(0, pos_first - p.window + 1) : 0;
     const int hi = p.causal ? min(len, pos_last + 1) : len;
 
-    // Q rows of this CTA (rows past T are zero and masked).
+    // Keys [tile0, tile0 + PREFILL_N) of K or V into `dst`, one group; keys past the chunk and keys of
+    // out-of-range pages are zero-filled.
+    auto copy_tile = [&](bf16_t (*dst)[Shared::PITCH], const bf16_t* cache, i64 s_seq, i64 s_tok, i64 s_head,
+                         int tile0) {
+        // Not unrolled: it runs while the accumulator is live, and its unrolled addresses cost registers.
+#pragma unroll 1
+        for (int i = tid; i < PREFILL_N * VECS; i += PREFILL_THREADS) {
+            const int key = i / VECS, vec = i % VECS;
+            const int j = tile0 + key;
+            const i64 off = j < hi ? cache_offset(p, b, j, hkv, s_seq, s_tok, s_head) : -1;
+            cp_async_16(&dst[key][vec * 8], cache + max(off, (i64)0) + vec * 8, off >= 0);
+        }
+        cp_async_commit();
+    };
+    auto copy_k = [&](int tile0) { copy_tile(s.k, p.k, p.k_stride_seq, p.k_stride_token, p.k_stride_head, tile0); };
+    auto copy_v = [&](int tile0) { copy_tile(s.v, p.v, p.v_stride_seq, p.v_stride_token, p.v_stride_head, tile0); };
+
+    // Q rows of this CTA (rows past T are zero and masked), then the first K tile.
     for (int i = tid; i < M * VECS; i += PREFILL_THREADS) {
         const int r = i / VECS, vec = i % VECS;
         const int t = m0 + r;
@@ -971,12 +994,14 @@ __global__ void __launch_bounds__(PREFILL_THREADS, 1) attention_prefill_kernel(c
         cp_async_16(&s.q[r][vec * 8], src, valid);
     }
     cp_async_commit();
+    if (lo < hi) copy_k(lo);
 
     float o[DT][4];
 #pragma unroll
     for (int i = 0; i < DT; ++i)
 #pragma unroll
         for (int e = 0; e < 4; ++e) o[i][e] = 0.0f;
+    // Running max (log2 units) and this lane's share of the running sum of the rows g and g + 8.
     float m_row[2] = {neg_inf(), neg_inf()};
     float l_row[2] = {0.0f, 0.0f};
     // Query positions of this thread's two rows (g and g + 8 of the warp's 16).
@@ -987,24 +1012,20 @@ __global__ void __launch_bounds__(PREFILL_THREADS, 1) attention_prefill_kernel(c
         pos_row[h] = len - p.tq + t_row[h];
     }
 
+    // The warp's rows: tokens [w_first, w_last] at positions [w_pos_first, w_pos_last]. A tile of keys inside
+    // every one of their visible ranges needs no per-element mask.
+    const int w_first = m0 + rows16 * 16;
+    const int w_last = min(w_first + 15, p.tq - 1);
+    const int w_pos_first = len - p.tq + w_first, w_pos_last = len - p.tq + w_last;
     for (int tile0 = lo; tile0 < hi; tile0 += PREFILL_N) {
-        // The previous tile's ldmatrix reads are done before its stage is overwritten.
-        __syncthreads();
-        for (int i = tid; i < PREFILL_N * VECS; i += PREFILL_THREADS) {
-            const int key = i / VECS, vec = i % VECS;
-            const int j = tile0 + key;
-            i64 ko = -1, vo = -1;
-            if (j < hi) {
-                ko = cache_offset(p, b, j, hkv, p.k_stride_seq, p.k_stride_token, p.k_stride_head);
-                vo = cache_offset(p, b, j, hkv, p.v_stride_seq, p.v_stride_token, p.v_stride_head);
-            }
-            // Keys past the chunk and keys of out-of-range pages are zero-filled.
-            cp_async_16(&s.k[key][vec * 8], p.k + max(ko, (i64)0) + vec * 8, ko >= 0);
-            cp_async_16(&s.v[key][vec * 8], p.v + max(vo, (i64)0) + vec * 8, vo >= 0);
-        }
-        cp_async_commit();
+        // K of this tile (and q) landed; every warp is done with the previous tile's V, whose buffer the V
+        // copies overwrite while S runs.
         cp_async_wait<0>();
         __syncthreads();
+        copy_v(tile0);
+        const bool full = w_first + 15 < p.tq && tile0 + PREFILL_N <= hi &&
+                          (!p.causal || tile0 + PREFILL_N - 1 <= w_pos_first) &&
+                          (p.window <= 0 || tile0 > w_pos_last - p.window);
 
         // S = Q K^T for the warp's 16 rows and the tile's 32 keys.
         float sc[NT][4];
@@ -1012,7 +1033,8 @@ __global__ void __launch_bounds__(PREFILL_THREADS, 1) attention_prefill_kernel(c
         for (int n = 0; n < NT; ++n)
 #pragma unroll
             for (int e = 0; e < 4; ++e) sc[n][e] = 0.0f;
-#pragma unroll
+        // Unrolled 8 k steps at a time: unrolled whole, D = 256 spilled on sm_110.
+#pragma unroll 8
         for (int kk = 0; kk < D / 16; ++kk) {
             unsigned a[4];
             ldmatrix_x4(a, &s.q[rows16 * 16 + (lane & 15)][kk * 16 + (lane >> 4) * 8]);
@@ -1025,7 +1047,17 @@ __global__ void __launch_bounds__(PREFILL_THREADS, 1) attention_prefill_kernel(c
             }
         }
 
-        // Mask, scale, softcap; online softmax per row (a row's 32 values sit in the 4 lanes of a quad).
+        // Softcap, scale (log2 units), mask; online softmax per row (a row's 32 values sit in the 4 lanes of
+        // a quad).
+        if (p.softcap > 0.0f) {
+#pragma unroll
+            for (int n = 0; n < NT; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) sc[n][e] = softcap_logit(sc[n][e] * p.scale, p.softcap);
+        }
+        const float to_log2 = p.softcap > 0.0f ? LOG2E : p.scale * LOG2E;
+        bool moved = false;
+        float alpha_row[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             float mx = neg_inf();
@@ -1035,47 +1067,65 @@ __global__ void __launch_bounds__(PREFILL_THREADS, 1) attention_prefill_kernel(c
                 for (int e = 0; e < 2; ++e) {
                     const int j = tile0 + n * 8 + 2 * c + e;
                     const int pos = pos_row[h];
-                    const bool visible = t_row[h] < p.tq && j < hi && (!p.causal || j <= pos) &&
-                                         (p.window <= 0 || j > pos - p.window);
+                    const bool visible = full || (t_row[h] < p.tq && j < hi && (!p.causal || j <= pos) &&
+                                         (p.window <= 0 || j > pos - p.window));
                     float x = sc[n][2 * h + e];
-                    x = visible ? softcap_logit(x * p.scale, p.softcap) : neg_inf();
+                    x = visible ? x * to_log2 : neg_inf();
                     sc[n][2 * h + e] = x;
                     mx = fmaxf(mx, x);
                 }
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
             const float m_new = fmaxf(m_row[h], mx);
-            // While a row has seen no visible key its max is -inf; subtracting 0 keeps exp(-inf) = 0.
+            // While a row has seen no visible key its max is -inf; subtracting 0 keeps 2^-inf = 0.
             const float m_use = m_new == neg_inf() ? 0.0f : m_new;
-            const float alpha = expf(m_row[h] - m_use);
+            const float alpha = fast_exp2(m_row[h] - m_use);
             float sum = 0.0f;
 #pragma unroll
             for (int n = 0; n < NT; ++n)
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-                    const float pe = expf(sc[n][2 * h + e] - m_use);
+                    const float pe = fast_exp2(sc[n][2 * h + e] - m_use);
                     sc[n][2 * h + e] = pe;
                     sum += pe;
                 }
             // Each lane keeps the sum of its own columns; the quad's sums are added at the end.
             l_row[h] = l_row[h] * alpha + sum;
+            moved |= m_new != m_row[h];
             m_row[h] = m_new;
+            alpha_row[h] = alpha;
+        }
+        // alpha is exactly 1 for a row whose max did not move: the rescale runs only when some row's did.
+        if (__any_sync(0xffffffffu, moved)) {
 #pragma unroll
             for (int i = 0; i < DT; ++i) {
-                o[i][2 * h] *= alpha;
-                o[i][2 * h + 1] *= alpha;
+                o[i][0] *= alpha_row[0];
+                o[i][1] *= alpha_row[0];
+                o[i][2] *= alpha_row[1];
+                o[i][3] *= alpha_row[1];
             }
         }
 
-        // O += P V for this warp's output dims [slice * DO, (slice + 1) * DO), P as bf16 A fragments
-        // straight from the S accumulators.
+        // P as bf16 A fragments (16 keys each), packed before the wait for V: the fp32 scores are not live
+        // across it.
+        unsigned pa[PREFILL_N / 16][4];
 #pragma unroll
         for (int kc = 0; kc < PREFILL_N / 16; ++kc) {
-            unsigned a[4];
-            a[0] = pack_bf16x2(sc[2 * kc][0], sc[2 * kc][1]);
-            a[1] = pack_bf16x2(sc[2 * kc][2], sc[2 * kc][3]);
-            a[2] = pack_bf16x2(sc[2 * kc + 1][0], sc[2 * kc + 1][1]);
-            a[3] = pack_bf16x2(sc[2 * kc + 1][2], sc[2 * kc + 1][3]);
+            pa[kc][0] = pack_bf16x2(sc[2 * kc][0], sc[2 * kc][1]);
+            pa[kc][1] = pack_bf16x2(sc[2 * kc][2], sc[2 * kc][3]);
+            pa[kc][2] = pack_bf16x2(sc[2 * kc + 1][0], sc[2 * kc + 1][1]);
+            pa[kc][3] = pack_bf16x2(sc[2 * kc + 1][2], sc[2 * kc + 1][3]);
+        }
+        // V of this tile landed; every warp is done with its K, whose buffer the next tile's K copies
+        // overwrite while P V runs.
+        cp_async_wait<0>();
+        __syncthreads();
+        if (tile0 + PREFILL_N < hi) copy_k(tile0 + PREFILL_N);
+
+        // O += P V for this warp's output dims [slice * DO, (slice + 1) * DO).
+#pragma unroll
+        for (int kc = 0; kc < PREFILL_N / 16; ++kc) {
+            const unsigned (&a)[4] = pa[kc];
 #pragma unroll
             for (int d2 = 0; d2 < DT / 2; ++d2) {
                 unsigned bv[4];
@@ -1104,7 +1154,7 @@ __global__ void __launch_bounds__(PREFILL_THREADS, 1) attention_prefill_kernel(c
             *reinterpret_cast<unsigned*>(dst + i * 8 + 2 * c) = pack_bf16x2(o[i][2 * h] * inv, o[i][2 * h + 1] * inv);
         }
         if (p.lse != nullptr && c == 0 && slice == 0) {
-            p.lse[((i64)b * p.tq + t) * p.hq + hq] = l > 0.0f ? m_row[h] + logf(l) : neg_inf();
+            p.lse[((i64)b * p.tq + t) * p.hq + hq] = l > 0.0f ? (m_row[h] + __log2f(l)) * LN2 : neg_inf();
         }
     }
 }

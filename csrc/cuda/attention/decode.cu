@@ -920,15 +920,10 @@ __global__ void __launch_bounds__(COMBINE_ROWS_THREADS) attention_combine_rows_k
 // Key tiles of 32 keys are copied with cp.async, K and V apart, so that each copy overlaps the other half
 // of the math: V of tile j lands while S = Q K^T of tile j runs, K of tile j + 1 while O += P V of tile j
 // runs. Scores are kept in log2 units (ex2.approx); a tile that every row of a warp sees whole skips the
-// per-element mask, and the accumulator is rescaled only when a row's reference max moved (by more than
-// PREFILL_RESCALE_SLACK). Under causal
+// per-element mask, and the accumulator is rescaled only when a row's running max moved. Under causal
 // masking the rows late in the chunk see the most keys: their CTAs come first (row block gridDim.y - 1 -
 // blockIdx.y, the query heads along x), so that the last wave holds the short ones.
 constexpr int PREFILL_THREADS = 128;
-// A row's scores are exponentiated against a reference max (log2 units) that moves only when a tile's max
-// exceeds it by more than this: below that, 2^(s - reference) <= 2^8 keeps P (bf16) and the sums in range,
-// and the accumulator's rescale is skipped. Most tiles past the first few move no row's reference.
-constexpr float PREFILL_RESCALE_SLACK = 8.0f;
 constexpr int PREFILL_N = 32;
 
 template <int D> struct PrefillTile {
@@ -1019,8 +1014,7 @@ __global__ void __launch_bounds__(PREFILL_THREADS, 1) attention_prefill_kernel(c
     for (int i = 0; i < DT; ++i)
 #pragma unroll
         for (int e = 0; e < 4; ++e) o[i][e] = 0.0f;
-    // Reference max (log2 units, PREFILL_RESCALE_SLACK) and this lane's share of the running sum of the rows
-    // g and g + 8.
+    // Running max (log2 units) and this lane's share of the running sum of the rows g and g + 8.
     float m_row[2] = {neg_inf(), neg_inf()};
     float l_row[2] = {0.0f, 0.0f};
     // Query positions of this thread's two rows (g and g + 8 of the warp's 16).
@@ -1095,9 +1089,7 @@ __global__ void __launch_bounds__(PREFILL_THREADS, 1) attention_prefill_kernel(c
                 }
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            // The row's reference max moves only when the tile's exceeds it by more than RESCALE_SLACK.
-            const bool up = mx > m_row[h] + PREFILL_RESCALE_SLACK;
-            const float m_new = up ? mx : m_row[h];
+            const float m_new = fmaxf(m_row[h], mx);
             // While a row has seen no visible key its max is -inf; subtracting 0 keeps 2^-inf = 0.
             const float m_use = m_new == neg_inf() ? 0.0f : m_new;
             const float alpha = fast_exp2(m_row[h] - m_use);
@@ -1112,12 +1104,11 @@ __global__ void __launch_bounds__(PREFILL_THREADS, 1) attention_prefill_kernel(c
                 }
             // Each lane keeps the sum of its own columns; the quad's sums are added at the end.
             l_row[h] = l_row[h] * alpha + sum;
-            moved |= up;
+            moved |= m_new != m_row[h];
             m_row[h] = m_new;
             alpha_row[h] = alpha;
         }
-        // alpha is exactly 1 for a row whose reference did not move: the rescale runs only when some row's
-        // did.
+        // alpha is exactly 1 for a row whose max did not move: the rescale runs only when some row's did.
         if (__any_sync(0xffffffffu, moved)) {
 #pragma unroll
             for (int i = 0; i < DT; ++i) {

@@ -201,6 +201,48 @@ SPK_DEVICE float fast_exp2(float x) {
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 
+// One online-softmax step of both kernels for the rows g + 8 h of an m16 fragment whose scores sc (NT n8
+// tiles) are in log2 units, masked keys at -inf, and whose max over this lane's columns is mx: the quad's
+// max becomes the row's running max m_row (`moved` is set when it grew), sc becomes 2^(sc - m_row) and this
+// lane's share of the running sum l_row is updated. Returns the factor 2^(old max - new max) for the row's
+// output accumulator, exactly 1 when the max did not move.
+template <int NT>
+SPK_DEVICE float softmax_rows_step(float (&sc)[NT][4], int h, float mx, float& m_row, float& l_row, bool& moved) {
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m_row, mx);
+    moved |= m_new != m_row;
+    // While a row has seen no visible key its max is -inf; subtracting 0 keeps 2^-inf = 0.
+    const float m_use = m_new == neg_inf() ? 0.0f : m_new;
+    const float alpha = fast_exp2(m_row - m_use);
+    float sum = 0.0f;
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const float pe = fast_exp2(sc[n][2 * h + e] - m_use);
+            sc[n][2 * h + e] = pe;
+            sum += pe;
+        }
+    // Each lane keeps the sum of its own columns; the quad's sums are added at the end.
+    l_row = l_row * alpha + sum;
+    m_row = m_new;
+    return alpha;
+}
+
+// The output accumulator's rows g and g + 8 times alpha[0] and alpha[1], when some row of the warp moved its
+// max (alpha is exactly 1 for the others).
+template <int DT> SPK_DEVICE void rescale_rows(float (&o)[DT][4], const float (&alpha)[2], bool moved) {
+    if (!__any_sync(0xffffffffu, moved)) return;
+#pragma unroll
+    for (int d = 0; d < DT; ++d) {
+        o[d][0] *= alpha[0];
+        o[d][1] *= alpha[0];
+        o[d][2] *= alpha[1];
+        o[d][3] *= alpha[1];
+    }
+}
+
 // This lane's part of output row (token t, query head hq) of flash_decode_mma_kernel: dims dim + 8 j and
 // dim + 8 j + 1 (j < TILES; the 4 lanes of a quad cover 8 consecutive dims for each j), as bf16 into out or,
 // with splits, as fp32 into the split's partial output; and the row's lse when `lse_lane`.
@@ -533,37 +575,9 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
                     sc[n][2 * h + e] = x;
                     mx = fmaxf(mx, x);
                 }
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float m_new = fmaxf(m_row[h], mx);
-            moved |= m_new != m_row[h];
-            // While a row has seen no visible key its max is -inf; subtracting 0 keeps 2^-inf = 0.
-            const float m_use = m_new == neg_inf() ? 0.0f : m_new;
-            const float alpha = fast_exp2(m_row[h] - m_use);
-            float sum = 0.0f;
-#pragma unroll
-            for (int n = 0; n < 2; ++n)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const float pe = fast_exp2(sc[n][2 * h + e] - m_use);
-                    sc[n][2 * h + e] = pe;
-                    sum += pe;
-                }
-            // Each lane keeps the sum of its own columns; the quad's sums are added at the end.
-            l_row[h] = l_row[h] * alpha + sum;
-            m_row[h] = m_new;
-            alpha_row[h] = alpha;
+            alpha_row[h] = softmax_rows_step(sc, h, mx, m_row[h], l_row[h], moved);
         }
-        // alpha is exactly 1 for a row whose max did not move: the rescale runs only when some row's did.
-        if (__any_sync(0xffffffffu, moved)) {
-#pragma unroll
-            for (int d = 0; d < DT; ++d) {
-                o[d][0] *= alpha_row[0];
-                o[d][1] *= alpha_row[0];
-                o[d][2] *= alpha_row[1];
-                o[d][3] *= alpha_row[1];
-            }
-        }
+        rescale_rows(o, alpha_row, moved);
 
         // O += P V for this warp's output dims [slice * DO, (slice + 1) * DO), P as bf16 A fragments
         // straight from the S accumulators.
@@ -1087,37 +1101,9 @@ __global__ void __launch_bounds__(PREFILL_THREADS, 1) attention_prefill_kernel(c
                     sc[n][2 * h + e] = x;
                     mx = fmaxf(mx, x);
                 }
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float m_new = fmaxf(m_row[h], mx);
-            // While a row has seen no visible key its max is -inf; subtracting 0 keeps 2^-inf = 0.
-            const float m_use = m_new == neg_inf() ? 0.0f : m_new;
-            const float alpha = fast_exp2(m_row[h] - m_use);
-            float sum = 0.0f;
-#pragma unroll
-            for (int n = 0; n < NT; ++n)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const float pe = fast_exp2(sc[n][2 * h + e] - m_use);
-                    sc[n][2 * h + e] = pe;
-                    sum += pe;
-                }
-            // Each lane keeps the sum of its own columns; the quad's sums are added at the end.
-            l_row[h] = l_row[h] * alpha + sum;
-            moved |= m_new != m_row[h];
-            m_row[h] = m_new;
-            alpha_row[h] = alpha;
+            alpha_row[h] = softmax_rows_step(sc, h, mx, m_row[h], l_row[h], moved);
         }
-        // alpha is exactly 1 for a row whose max did not move: the rescale runs only when some row's did.
-        if (__any_sync(0xffffffffu, moved)) {
-#pragma unroll
-            for (int i = 0; i < DT; ++i) {
-                o[i][0] *= alpha_row[0];
-                o[i][1] *= alpha_row[0];
-                o[i][2] *= alpha_row[1];
-                o[i][3] *= alpha_row[1];
-            }
-        }
+        rescale_rows(o, alpha_row, moved);
 
         // P as bf16 A fragments (16 keys each), packed before the wait for V: the fp32 scores are not live
         // across it.

@@ -73,6 +73,14 @@ SPK_DEVICE unsigned long long l2_evict_first_policy() {
     return policy;
 }
 
+// An L2 access policy that marks the lines it touches evict-last: for data written by one kernel and read by
+// the next while other data streams through L2 (the split partials of decode attention).
+SPK_DEVICE unsigned long long l2_evict_last_policy() {
+    unsigned long long policy;
+    asm("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
+    return policy;
+}
+
 // load_u128_stream with an L2 policy from l2_evict_first_policy().
 SPK_DEVICE uint4 load_u128_stream(const void* p, unsigned long long policy) {
     uint4 v;

@@ -257,10 +257,19 @@ SPK_DEVICE void decode_store_row(const DecodeParams& p, int b, int t, int hq, in
         for (int j = 0; j < TILES; ++j) *reinterpret_cast<unsigned*>(dst + 8 * j) = pack_bf16x2(v[j][0], v[j][1]);
         if (lse_lane && p.lse != nullptr) p.lse[row] = lse;
     } else {
+        // Evict-last in L2: the partials stay there for the combine while the next call's cache streams through
+        // (plain stores measured 1-2 us slower at Qwen3.5 ctx 32768, docs/PERF.md).
+        const unsigned long long policy = l2_evict_last_policy();
         float* dst = p.part_o + (row * p.num_splits + split) * D + dim;
 #pragma unroll
-        for (int j = 0; j < TILES; ++j) *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(v[j][0], v[j][1]);
-        if (lse_lane) p.part_lse[row * p.num_splits + split] = lse;
+        for (int j = 0; j < TILES; ++j)
+            asm volatile("st.global.L2::cache_hint.v2.f32 [%0], {%1, %2}, %3;" ::"l"(dst + 8 * j), "f"(v[j][0]),
+                         "f"(v[j][1]), "l"(policy)
+                         : "memory");
+        if (lse_lane)
+            asm volatile("st.global.L2::cache_hint.f32 [%0], %1, %2;" ::"l"(p.part_lse + row * p.num_splits + split),
+                         "f"(lse), "l"(policy)
+                         : "memory");
     }
 }
 

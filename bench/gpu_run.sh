@@ -3,7 +3,8 @@
 # checks, the benchmark, the PyTorch comparison and (the sanitize step) compute-sanitizer. Full logs go to
 # $OUT; a short summary prints last.
 #   bash bench/gpu_run.sh [tests|check|bench|compare|floor|sanitize]...   (default: tests check bench compare)
-# floor: bench/read_floor.py, the read-only kernels that a bandwidth-bound row's time is judged against.
+# floor: bench/read_floor.py and bench/read_floor.cu, the read-only kernels that a bandwidth-bound row's time is
+# judged against.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/sparkinfer-out}
@@ -37,7 +38,11 @@ for step in "${steps[@]}"; do
     check) run_step check .gpu/sparkinfer check; tail -5 "$OUT/check.log"; grep FAIL "$OUT/check.log" | head -20 ;;
     bench) run_step bench .gpu/sparkinfer bench --json "$OUT/bench.json"; cat "$OUT/bench.log" ;;
     compare) run_step compare python3 bench/compare.py --lib .gpu/libsparkinfer.so; cat "$OUT/compare.log" ;;
-    floor) run_step read_floor python3 bench/read_floor.py; cat "$OUT/read_floor.log" ;;
+    floor)
+      run_step read_floor python3 bench/read_floor.py; cat "$OUT/read_floor.log"
+      run_step read_floor_cuda bash -c 'nvcc -O3 -std=c++17 -arch=sm_90 -Icsrc -o /tmp/read_floor bench/read_floor.cu &&
+        /tmp/read_floor 67.108864 8.388608'
+      grep -A 13 "best of\|stored" "$OUT/read_floor_cuda.log" ;;
     sanitize)
       for tool in memcheck racecheck; do
         for t in .gpu/tests/gpu_*; do

@@ -258,7 +258,7 @@ SPK_DEVICE void decode_store_row(const DecodeParams& p, int b, int t, int hq, in
         if (lse_lane && p.lse != nullptr) p.lse[row] = lse;
     } else {
         // Evict-last in L2: the partials stay there for the combine while the next call's cache streams through
-        // (plain stores measured 1-2 us slower at Qwen3.5 ctx 32768, docs/PERF.md).
+        // (plain stores measured about 1 us slower at every ctx 32768 shape on the H100, docs/PERF.md).
         const unsigned long long policy = l2_evict_last_policy();
         float* dst = p.part_o + (row * p.num_splits + split) * D + dim;
 #pragma unroll

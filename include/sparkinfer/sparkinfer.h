@@ -176,7 +176,9 @@ typedef struct sparkinfer_attention_decode_params {
   // logits of each row. NULL for none.
   float *lse;
   // Scratch of at least sparkinfer_attention_decode_workspace_size bytes, 16-byte aligned; may be NULL
-  // when that size is 0.
+  // when that size is 0. Its contents need not survive between calls. The split partials are stored
+  // there evict-last in L2, so that they stay for their merge; layers that share one workspace keep that
+  // share of L2 to one workspace's size.
   void *workspace;
   size_t workspace_bytes;
   int64_t batch;

@@ -83,7 +83,9 @@ pub struct sparkinfer_attention_decode_params {
     /// logits of each row. NULL for none.
     pub lse: *mut f32,
     /// Scratch of at least sparkinfer_attention_decode_workspace_size bytes, 16-byte aligned; may be NULL
-    /// when that size is 0.
+    /// when that size is 0. Its contents need not survive between calls. The split partials are stored
+    /// there evict-last in L2, so that they stay for their merge; layers that share one workspace keep that
+    /// share of L2 to one workspace's size.
     pub workspace: *mut c_void,
     pub workspace_bytes: usize,
     pub batch: i64,

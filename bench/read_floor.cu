@@ -46,6 +46,8 @@ SPK_DEVICE void bulk_g2s(unsigned dst, const void* src, unsigned bytes, unsigned
         : "memory");
 }
 
+// A coherent 16-byte load with an L2 policy; common.cuh's load_u128_stream is the same through the
+// non-coherent path (.nc). The figures in docs/PERF.md were taken with this one.
 SPK_DEVICE uint4 load_streaming(const uint4* p, unsigned long long policy) {
     uint4 v;
     asm volatile("ld.global.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"

@@ -131,18 +131,12 @@ __global__ void bulk_read(const __grid_constant__ BulkArgs a) {
         for (int r = 0; r < 8; ++r) {
             char* dst = reinterpret_cast<char*>(a.out) + (r * U + u) * row_bytes;
             for (long long o = lane * 8; o < row_bytes; o += 256) {
-                if (a.store_policy == 0) {
-                    *reinterpret_cast<float2*>(dst + o) = make_float2((float)acc, 1.0f);
-                } else {
-                    unsigned long long pol;
-                    if (a.store_policy == 1)
-                        asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(pol));
-                    else
-                        asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
-                    asm volatile("st.global.L2::cache_hint.v2.f32 [%0], {%1, %2}, %3;" ::"l"(dst + o),
-                                 "f"((float)acc), "f"(1.0f), "l"(pol)
-                                 : "memory");
-                }
+                float* f = reinterpret_cast<float*>(dst + o);
+                if (a.store_policy == 0)
+                    *reinterpret_cast<float2*>(f) = make_float2((float)acc, 1.0f);
+                else
+                    store_f32x2(f, (float)acc, 1.0f,
+                                a.store_policy == 1 ? l2_evict_last_policy() : l2_evict_first_policy());
             }
         }
     }

@@ -81,6 +81,16 @@ SPK_DEVICE unsigned long long l2_evict_last_policy() {
     return policy;
 }
 
+// Stores of one and two floats with an L2 policy (l2_evict_first_policy, l2_evict_last_policy).
+SPK_DEVICE void store_f32(float* p, float v, unsigned long long policy) {
+    asm volatile("st.global.L2::cache_hint.f32 [%0], %1, %2;" ::"l"(p), "f"(v), "l"(policy) : "memory");
+}
+
+SPK_DEVICE void store_f32x2(float* p, float a, float b, unsigned long long policy) {
+    asm volatile("st.global.L2::cache_hint.v2.f32 [%0], {%1, %2}, %3;" ::"l"(p), "f"(a), "f"(b), "l"(policy)
+                 : "memory");
+}
+
 // load_u128_stream with an L2 policy from l2_evict_first_policy().
 SPK_DEVICE uint4 load_u128_stream(const void* p, unsigned long long policy) {
     uint4 v;

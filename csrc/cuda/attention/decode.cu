@@ -262,14 +262,8 @@ SPK_DEVICE void decode_store_row(const DecodeParams& p, int b, int t, int hq, in
         const unsigned long long policy = l2_evict_last_policy();
         float* dst = p.part_o + (row * p.num_splits + split) * D + dim;
 #pragma unroll
-        for (int j = 0; j < TILES; ++j)
-            asm volatile("st.global.L2::cache_hint.v2.f32 [%0], {%1, %2}, %3;" ::"l"(dst + 8 * j), "f"(v[j][0]),
-                         "f"(v[j][1]), "l"(policy)
-                         : "memory");
-        if (lse_lane)
-            asm volatile("st.global.L2::cache_hint.f32 [%0], %1, %2;" ::"l"(p.part_lse + row * p.num_splits + split),
-                         "f"(lse), "l"(policy)
-                         : "memory");
+        for (int j = 0; j < TILES; ++j) store_f32x2(dst + 8 * j, v[j][0], v[j][1], policy);
+        if (lse_lane) store_f32(p.part_lse + row * p.num_splits + split, lse, policy);
     }
 }
 

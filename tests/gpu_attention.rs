@@ -461,7 +461,22 @@ fn tensor_maps_at_the_least_alignment_short_caches_and_single_dimensions() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn graph_replays_follow_the_lengths_in_device_memory() {
-    let gpu = Gpu::new();
+    replay_graphs(
+        &Gpu::new(),
+        &[
+            (1, 16, 2, 256, None, Layout::TokenMajor { pad: 0 }),
+            (2, 16, 8, 256, Some(1024), Layout::Paged { page_size: 64 }),
+            (1, 16, 2, 512, None, Layout::HeadMajor),
+        ],
+    );
+}
+
+/// A decode shape of the graph test: (q_len, num_q_heads, num_kv_heads, head_dim, window, layout).
+type GraphShape = (usize, usize, usize, usize, Option<usize>, Layout);
+
+/// For each shape, captures one decode into a graph at one set of lengths, replays it after writing others
+/// into the lengths' device buffer, and checks every replay against the reference.
+fn replay_graphs(gpu: &Gpu, shapes: &[GraphShape]) {
     let device = gpu.device();
     // The cache's capacity, and the lengths of the capture and of each replay (small mode: a smaller cache
     // that still holds lengths past the 1024-key window and splits the range).
@@ -470,11 +485,7 @@ fn graph_replays_follow_the_lengths_in_device_memory() {
     } else {
         (8192, [100, 2000, 8192], [[100, 2000, 8192], [1, 0, 7], [4097, 8192, 1025], [8192, 33, 1024]])
     };
-    for (q_len, hq, hkv, d, window, layout) in [
-        (1, 16, 2, 256, None, Layout::TokenMajor { pad: 0 }),
-        (2, 16, 8, 256, Some(1024), Layout::Paged { page_size: 64 }),
-        (1, 16, 2, 512, None, Layout::HeadMajor),
-    ] {
+    for &(q_len, hq, hkv, d, window, layout) in shapes {
         let seed = Rng::fresh_seed();
         let mut rng = Rng::new(seed);
         let mut c = base(q_len, hq, hkv, d);
@@ -533,6 +544,52 @@ fn graph_replays_follow_the_lengths_in_device_memory() {
             );
         }
     }
+}
+
+/// Turns the forced long decode variant off when dropped, a failing test included.
+struct ForcedLong;
+
+impl Drop for ForcedLong {
+    fn drop(&mut self) {
+        attention::force_long_decode(false);
+    }
+}
+
+/// The long variant of the decode kernel (two warps per stream, stages refilled once consumed), which the
+/// plan takes by itself only for one sequence of many tiles per split at head dim 256 (ctx 32768 of
+/// model_shapes_at_long_context_and_large_batches at full size), forced onto every case it can run: head
+/// dim 256, no window, at most 8 rows per CTA (so one partial per stream) and a split key range. Boundary
+/// lengths within a batch, length 0, every GQA group up to 8, Tq = 2 with causal masking, softcap, every
+/// cache layout, one sequence on the spread plan, and a graph replayed at new lengths.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn the_long_decode_variant_matches_the_reference() {
+    let gpu = Gpu::new();
+    let _forced = ForcedLong;
+    attention::force_long_decode(true);
+    let mut cases = Vec::new();
+    for (q_len, hq, hkv) in [(1, 16, 2), (1, 2, 2), (1, 4, 2), (1, 8, 2), (2, 8, 2)] {
+        cases.push(base(q_len, hq, hkv, 256));
+    }
+    for layout in [
+        Layout::TokenMajor { pad: 8 },
+        Layout::HeadMajor,
+        Layout::Paged { page_size: 16 },
+        Layout::Paged { page_size: 64 },
+        Layout::Paged { page_size: 256 },
+    ] {
+        let mut c = base(1, 16, 2, 256);
+        c.layout = layout;
+        c.scale = 0.0625;
+        c.softcap = Some(30.0);
+        c.act_pad = 8;
+        cases.push(c);
+    }
+    let long = if small() { 1025 } else { 4097 };
+    cases.push(at_lens(base(1, 16, 2, 256), &[0, 5, 0, long]));
+    cases.push(at_lens(base(1, 16, 2, 256), &[if small() { 2049 } else { 16384 }]));
+    run_cases(&gpu, &cases);
+    replay_graphs(&gpu, &[(1, 16, 2, 256, None, Layout::Paged { page_size: 64 })]);
 }
 
 /// Tensor-core prefill against the reference: every prefill head_dim, GQA groups, chunk lengths around the

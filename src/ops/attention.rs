@@ -209,6 +209,19 @@ fn decode_mma_name(d: usize) -> KernelName {
     kernel_name!("flash_decode_mma_kernel<{d}>")
 }
 
+/// Head dim of the long variant of the decode kernel (`flash_decode_mma_kernel<D, true>`).
+const LONG_HEAD_DIM: usize = 256;
+/// Warps of the long variant: two per stream, each owning half the output dims.
+const LONG_WARPS: usize = 4;
+/// Fewest tiles per stream of a split that take the long variant without being forced: a stream keeps both
+/// its stages in flight from the first tile, which pays only where it has many (ctx 16384 and up on the
+/// H100's one-CTA-per-SM plan for Qwen3.5; ctx 4096 measured 0.5 µs slower with it, docs/PERF.md).
+const LONG_MIN_TILES: usize = 8;
+
+fn decode_long_name() -> KernelName {
+    kernel_name!("flash_decode_mma_kernel<{LONG_HEAD_DIM}, true>")
+}
+
 fn combine_name(d: usize) -> KernelName {
     kernel_name!("attention_combine_kernel<{d}>")
 }
@@ -221,6 +234,9 @@ fn decode_instantiations() -> Vec<String> {
     let mut names = Vec::new();
     for d in HEAD_DIMS {
         names.push(decode_mma_name(d).to_string());
+        if d == LONG_HEAD_DIM {
+            names.push(decode_long_name().to_string());
+        }
         names.push(combine_name(d).to_string());
         names.push(combine_rows_name(d).to_string());
     }
@@ -312,6 +328,7 @@ pub struct DecodeArgs {
 }
 
 static SKEW_LENGTH_HINT: AtomicBool = AtomicBool::new(false);
+static FORCE_LONG: AtomicBool = AtomicBool::new(false);
 
 /// Tests only: while on, decode launches made from then on read a wrong length hint (DECODE_SKEW_HINT), so
 /// that a GPU test can check that the windowed first tiles are issued again from the real length. Graphs
@@ -319,6 +336,15 @@ static SKEW_LENGTH_HINT: AtomicBool = AtomicBool::new(false);
 #[doc(hidden)]
 pub fn skew_length_hint(on: bool) {
     SKEW_LENGTH_HINT.store(on, Ordering::Relaxed);
+}
+
+/// Tests only: while on, decode plans made from then on take the long variant of the kernel wherever it
+/// can run (head dim 256, no window, one partial per stream), whatever the batch and the tiles per stream,
+/// so that a GPU test can check it on short lengths, batches and every cache layout. Graphs keep the kernel
+/// they were captured with.
+#[doc(hidden)]
+pub fn force_long_decode(on: bool) {
+    FORCE_LONG.store(on, Ordering::Relaxed);
 }
 
 /// The validated problem and its launch plan.
@@ -342,6 +368,8 @@ struct Plan {
     /// q is copied before the first tiles (DECODE_Q_FIRST): on the spread plan at head dim 256, where it
     /// measured 0.25–0.35 µs faster on the H100; at head dim 128 (spread) it measured 0.25 µs slower.
     q_first: bool,
+    /// The long variant of the kernel runs (`flash_decode_mma_kernel<256, true>`, see long_split).
+    long: bool,
     q_strides: [usize; 3],
     out_strides: [usize; 3],
 }
@@ -365,6 +393,26 @@ impl Plan {
             self.splits * streams
         } else {
             self.splits
+        }
+    }
+    /// Whether this plan takes the long variant of the decode kernel: head dim 256 without a window and with
+    /// one partial per stream (the variant writes no other), one sequence and at least LONG_MIN_TILES tiles
+    /// per stream, or any of those where `forced`. On the H100 two warps per stream with each stage
+    /// refilled once consumed measured 1.2 µs faster at Qwen3.5 ctx 32768 than a build taking one warp per
+    /// stream through the same runtime branch, and 13% slower at B = 16 with lengths 1K–32K (docs/PERF.md).
+    fn long_split(&self, window: bool, forced: bool) -> bool {
+        let tiles = self.chunk_keys / (mma_streams(self.d) * MMA_TILE_KEYS);
+        self.d == LONG_HEAD_DIM
+            && !window
+            && self.parts() > self.splits
+            && (forced || (self.batch == 1 && tiles >= LONG_MIN_TILES))
+    }
+    /// Kernel and threads per CTA of the decode launch.
+    fn decode_kernel(&self) -> (KernelName, u32) {
+        if self.long {
+            (decode_long_name(), (LONG_WARPS * 32) as u32)
+        } else {
+            (decode_mma_name(self.d), (mma_warps(self.d) * 32) as u32)
         }
     }
     /// Bytes of split partials: fp32 outputs [rows][parts][D] then fp32 lse [rows][parts].
@@ -557,7 +605,7 @@ fn validate(a: &DecodeArgs, device: Option<&DeviceInfo>, max_q_len: i64) -> Resu
     let (splits, chunk_tiles) = split_plan(tiles, units, sms, if spread.is_some() { 1 } else { ctas_per_sm });
     // Spread or not, the grid's CTAs per SM follow from its size (a spread grid's request is decode_spread's).
     let shared_bytes = device.map_or(decode_mma_shared_bytes(d), |info| decode_hold(info, d, units * splits));
-    let plan = Plan {
+    let mut plan = Plan {
         batch,
         q_len,
         hq,
@@ -570,9 +618,11 @@ fn validate(a: &DecodeArgs, device: Option<&DeviceInfo>, max_q_len: i64) -> Resu
         chunk_keys: chunk_tiles * keys,
         shared_bytes,
         q_first: spread.is_some() && d == 256,
+        long: false,
         q_strides,
         out_strides,
     };
+    plan.long = plan.long_split(a.window.is_some(), FORCE_LONG.load(Ordering::Relaxed));
     if units > i32::MAX as usize {
         return Err(Error::unsupported(format!(
             "batch: {batch} sequences × {hkv} KV heads × {row_chunks} row chunks exceed one launch's grid"
@@ -815,8 +865,8 @@ pub unsafe fn decode(ctx: &Context, a: &DecodeArgs, stream: Stream) -> Result<()
                 params.part_lse = a.workspace + (plan.output_rows() * plan.parts() * plan.d * 4) as u64;
             }
             let split = plan.splits > 1;
-            let (name, need, threads) =
-                (decode_mma_name(plan.d), decode_mma_shared_bytes(plan.d), (mma_warps(plan.d) * 32) as u32);
+            // The long variant has the same streams and stages, so the same shared memory.
+            let ((name, threads), need) = (plan.decode_kernel(), decode_mma_shared_bytes(plan.d));
             // Every variant fits (see the tests below); this guards the tables against a future edit.
             if need > SHARED_LIMIT {
                 return Err(Error::internal(format!("{name} needs {need} bytes of shared memory")));
@@ -1071,6 +1121,7 @@ mod tests {
             chunk_keys: 32,
             shared_bytes: decode_mma_shared_bytes(d),
             q_first: false,
+            long: false,
             q_strides: [0; 3],
             out_strides: [0; 3],
         }
@@ -1099,6 +1150,29 @@ mod tests {
                 assert_eq!(plan.workspace_bytes(), bytes, "D={d} splits={splits}");
             }
         }
+    }
+
+    #[test]
+    fn only_long_single_sequence_splits_take_the_long_variant() {
+        // Qwen3.5 on the H100's spread plan: 64 splits of 16 tiles per stream at ctx 32768, 8 at 16384, 2 at
+        // 4096 (a tile: 16 keys per stream, two streams).
+        let at = |tiles: usize| Plan { chunk_keys: tiles * 2 * MMA_TILE_KEYS, ..plan_of(256, 64) };
+        assert!(at(16).long_split(false, false) && at(8).long_split(false, false));
+        assert!(!at(7).long_split(false, false) && !at(2).long_split(false, false));
+        // Not with a window, a batch, one partial per CTA (Tq = 4: 32 rows), one split, or another head dim.
+        assert!(!at(16).long_split(true, false));
+        assert!(!Plan { batch: 16, ..at(16) }.long_split(false, false));
+        assert!(!Plan { q_len: 4, row_chunks: 2, ..at(16) }.long_split(false, false));
+        assert!(!Plan { splits: 1, ..at(16) }.long_split(false, false));
+        assert!(!Plan { d: 128, chunk_keys: 16 * 4 * MMA_TILE_KEYS, ..at(16) }.long_split(false, false));
+        // Forced: any batch and length, still only where it can run.
+        assert!(Plan { batch: 16, ..at(1) }.long_split(false, true));
+        assert!(!at(16).long_split(true, true) && !Plan { splits: 1, ..at(16) }.long_split(false, true));
+        let long = Plan { long: true, ..at(16) };
+        assert_eq!(long.decode_kernel().1, 128);
+        assert_eq!(long.decode_kernel().0.to_string(), "flash_decode_mma_kernel<256, true>");
+        assert_eq!(at(16).decode_kernel().1, 64);
+        assert!(decode_instantiations().contains(&long.decode_kernel().0.to_string()));
     }
 
     #[test]

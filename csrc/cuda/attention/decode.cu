@@ -132,12 +132,21 @@ SPK_DEVICE void zero_partials(const DecodeParams& p, int b, int hkv, int row0, i
 // tensor's extent (max_len, or a page id outside [0, num_pages)) land as zeros. Every tile starts at a
 // multiple of 16 keys (the sequence's first visible key is rounded down to one), so that with pages of 16
 // tokens or more a tile never straddles two pages.
-template <int D> struct DecodeMma {
-    static constexpr int WARPS = D >= 256 ? 2 : 4;
-    static constexpr int SLICES = D >= 512 ? 2 : 1;  // warps per stream, each owning D / SLICES output dims
+//
+// The long variant (LONG, D = 256 only; ops::attention takes it for one sequence with per-stream partials, no
+// window and many tiles per stream) gives each of the two streams two warps, each owning half the output
+// dims (half the P V MMAs per warp, four warps issuing), and refills a ring stage as soon as its tile is
+// consumed: S tiles in flight per stream instead of S - 1, at the cost of one more stream barrier per tile.
+template <int D, bool LONG = false> struct DecodeMma {
+    static_assert(!LONG || D == 256, "the long variant is built for D = 256");
+    static constexpr int WARPS = LONG ? 4 : D >= 256 ? 2 : 4;
+    // Warps per stream, each owning D / SLICES output dims.
+    static constexpr int SLICES = LONG || D >= 512 ? 2 : 1;
     static constexpr int STREAMS = WARPS / SLICES;
     static constexpr int DO = D / SLICES;
     static constexpr int STAGES = D <= 64 ? 3 : 2;
+    // Tiles in flight per stream: a stage is refilled once consumed (LONG) or once the next tile is waited for.
+    static constexpr int AHEAD = LONG ? STAGES : STAGES - 1;
     static constexpr int THREADS = WARPS * 32;
     static constexpr int N = 16;         // keys per warp tile
     static constexpr int PITCH = D + 8;  // q rows padded by 16 bytes: conflict-free ldmatrix
@@ -154,8 +163,8 @@ constexpr int SWIZZLE_ALIGN = 1024;
 // Shared memory of one CTA; ops::attention::decode_mma_shared_bytes computes the same size. The rings come
 // first, at the SWIZZLE_ALIGN-aligned base; every tile's size is a multiple of 2048 bytes, so every tile
 // is aligned too.
-template <int D> struct DecodeMmaShared {
-    using T = DecodeMma<D>;
+template <int D, bool LONG = false> struct DecodeMmaShared {
+    using T = DecodeMma<D, LONG>;
     struct Ring {
         bf16_t k[T::N * D];  // [D / 64][N][64], swizzled: see tile_offset
         bf16_t v[T::N * D];
@@ -267,11 +276,11 @@ SPK_DEVICE void decode_store_row(const DecodeParams& p, int b, int t, int hq, in
     }
 }
 
-template <int D>
-__global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
+template <int D, bool LONG = false>
+__global__ void __launch_bounds__(DecodeMma<D, LONG>::THREADS, 1)
     flash_decode_mma_kernel(const __grid_constant__ DecodeParams p) {
-    using T = DecodeMma<D>;
-    using Shared = DecodeMmaShared<D>;
+    using T = DecodeMma<D, LONG>;
+    using Shared = DecodeMmaShared<D, LONG>;
     static_assert(T::N == 16 && D % 64 == 0, "tile_offset: 16-key tiles of 64-element chunks");
     static_assert(sizeof(typename Shared::Ring) % SWIZZLE_ALIGN == 0 && T::TILE_BYTES % SWIZZLE_ALIGN == 0,
                   "every tile keeps the rings' alignment");
@@ -367,7 +376,7 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
     // Launched with programmatic dependent launch: nothing else is read before this wait.
     pdl_wait();
     const int seq_len = p.seq_lens[b];
-    // The stream's first S - 1 tiles are issued while the length is read: [0, issued), those that start in
+    // The stream's first AHEAD tiles are issued while the length is read: [0, issued), those that start in
     // the split as far as it is known by then. Without a window the split's keys start at split *
     // chunk_keys whatever the length, below max_len; with one they start where the hint places them, below
     // the hint. Those at or past my_tiles, known once the length is, lie past the sequence: they are only
@@ -394,7 +403,7 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
     if (p.flags & DECODE_Q_FIRST) copy_q();
     int issued = 0;
 #pragma unroll
-    for (int i = 0; i < S - 1; ++i) {
+    for (int i = 0; i < T::AHEAD; ++i) {
         const int start = early_begin + (stream + i * T::STREAMS) * T::N;
         if (start < early_limit) {
             issue_tile(start, i);
@@ -464,7 +473,7 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
             issued = 0;
         }
 #pragma unroll
-        for (int i = 0; i < S - 1; ++i) {
+        for (int i = 0; i < T::AHEAD; ++i) {
             // tile_start(i) < end is i < my_tiles.
             if (i >= issued && tile_start(i) < end) issue_tile(tile_start(i), i);
         }
@@ -498,7 +507,7 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
 
     // Tiles issued ahead that lie past the stream's last (none with one stream and S = 2: a split with keys
     // gives its only stream at least the one tile issued ahead).
-    if constexpr (T::STREAMS > 1 || S > 2) {
+    if constexpr (T::STREAMS > 1 || T::AHEAD > 1) {
         if (stream_lane == 0)
             for (int i = my_tiles; i < issued; ++i) mbar_wait(&s.bar[stream][i], 0u);
     }
@@ -525,9 +534,14 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
             // Orders these generic writes before the async-proxy copy that will refill the stage.
             fence_proxy_async_shared();
         }
-        // Publishes the zeroed rows and (every thread having finished tile i - 1) frees that tile's stage.
-        stream_sync();
-        if (i + S - 1 < my_tiles) issue_tile(tile_start(i + S - 1), (i + S - 1) % S);
+        if constexpr (LONG) {
+            // Publishes the zeroed rows; the stage is refilled below, once both warps have consumed it.
+            if (keep_lo > 0 || keep_hi < T::N) stream_sync();
+        } else {
+            // Publishes the zeroed rows and (every thread having finished tile i - 1) frees that tile's stage.
+            stream_sync();
+            if (i + S - 1 < my_tiles) issue_tile(tile_start(i + S - 1), (i + S - 1) % S);
+        }
 
         // S = Q K^T for the 16 rows and the tile's 16 keys; up to D = 256 the even and odd k steps go into
         // separate accumulators (two chains of D / 32 dependent MMAs per key half instead of one of D / 16),
@@ -596,6 +610,11 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
             mma_bf16_16816(o[2 * d2], a, bv[0], bv[1]);
             mma_bf16_16816(o[2 * d2 + 1], a, bv[2], bv[3]);
         }
+        if constexpr (LONG) {
+            // Both warps of the stream are done with the stage: it takes the stream's tile i + S.
+            stream_sync();
+            if (i + S < my_tiles) issue_tile(tile_start(i + S), stage);
+        }
     }
     // Without splits the next kernel may now be scheduled; it waits for this grid to finish.
     pdl_launch_dependents();
@@ -638,7 +657,10 @@ __global__ void __launch_bounds__(DecodeMma<D>::THREADS, 1)
         }
         return;
     }
-    if constexpr (T::STREAMS > 1) {
+    if constexpr (LONG) {
+        // ops::attention takes the long variant only with one partial per stream.
+        __trap();
+    } else if constexpr (T::STREAMS > 1) {
         // Several streams, one warp each: warp w writes dims [w D / STREAMS, (w + 1) D / STREAMS), OWN n8
         // tiles of its accumulator; it passes the other streams their dims (and its m and l) through Merge.
         constexpr int OWN = DT / T::STREAMS;

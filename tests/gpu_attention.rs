@@ -21,6 +21,15 @@ use sparkinfer::testing::{Comparison, Rng, TestBuffer, BF16_TOL};
 
 /// The boundary lengths, all in one batch.
 const LENS: [i32; 6] = [1, 7, 1023, 1024, 1025, 4097];
+/// Every cache layout: token-major with padding between tokens, head-major, and pages of the least, a
+/// middle and the largest size.
+const LAYOUTS: [Layout; 5] = [
+    Layout::TokenMajor { pad: 8 },
+    Layout::HeadMajor,
+    Layout::Paged { page_size: 16 },
+    Layout::Paged { page_size: 64 },
+    Layout::Paged { page_size: 256 },
+];
 /// The default lengths in small mode: 300 keys still split the key range of every decode kernel (no split
 /// unit exceeds 128 keys) while costing little under the sanitizer.
 const SMALL_LENS: [i32; 3] = [1, 7, 300];
@@ -201,12 +210,19 @@ fn sliding_windows_smaller_and_larger_than_the_length() {
     run_cases(&Gpu::new(), &window_cases());
 }
 
-/// Turns the length-hint skew off when dropped, a failing test included.
-struct SkewedHint;
+/// A test-only switch of ops::attention, turned on by `on` and off when dropped, a failing test included.
+struct Switch(fn(bool));
 
-impl Drop for SkewedHint {
+impl Switch {
+    fn on(set: fn(bool)) -> Switch {
+        set(true);
+        Switch(set)
+    }
+}
+
+impl Drop for Switch {
     fn drop(&mut self) {
-        attention::skew_length_hint(false);
+        (self.0)(false);
     }
 }
 
@@ -217,8 +233,7 @@ impl Drop for SkewedHint {
 #[ignore = "needs a CUDA GPU"]
 fn a_wrong_length_hint_is_corrected_after_the_wait() {
     let gpu = Gpu::new();
-    let _skew = SkewedHint;
-    attention::skew_length_hint(true);
+    let _skew = Switch::on(attention::skew_length_hint);
     run_cases(&gpu, &window_cases());
 }
 
@@ -227,13 +242,7 @@ fn a_wrong_length_hint_is_corrected_after_the_wait() {
 fn softcap_scale_and_layouts() {
     let gpu = Gpu::new();
     let mut cases = Vec::new();
-    for layout in [
-        Layout::TokenMajor { pad: 8 },
-        Layout::HeadMajor,
-        Layout::Paged { page_size: 16 },
-        Layout::Paged { page_size: 64 },
-        Layout::Paged { page_size: 256 },
-    ] {
+    for layout in LAYOUTS {
         for (q_len, hq, hkv, d, scale, softcap) in
             [(1, 16, 2, 256, 0.0625, None), (2, 16, 2, 512, 1.0, Some(50.0)), (1, 32, 8, 128, 0.088, Some(30.0))]
         {
@@ -546,15 +555,6 @@ fn replay_graphs(gpu: &Gpu, shapes: &[GraphShape]) {
     }
 }
 
-/// Turns the forced long decode variant off when dropped, a failing test included.
-struct ForcedLong;
-
-impl Drop for ForcedLong {
-    fn drop(&mut self) {
-        attention::force_long_decode(false);
-    }
-}
-
 /// The long variant of the decode kernel (two warps per stream, stages refilled once consumed), which the
 /// plan takes by itself only for one sequence of many tiles per split at head dim 256 (ctx 32768 of
 /// model_shapes_at_long_context_and_large_batches at full size), forced onto every case it can run: head
@@ -565,19 +565,12 @@ impl Drop for ForcedLong {
 #[ignore = "needs a CUDA GPU"]
 fn the_long_decode_variant_matches_the_reference() {
     let gpu = Gpu::new();
-    let _forced = ForcedLong;
-    attention::force_long_decode(true);
+    let _forced = Switch::on(attention::force_long_decode);
     let mut cases = Vec::new();
     for (q_len, hq, hkv) in [(1, 16, 2), (1, 2, 2), (1, 4, 2), (1, 8, 2), (2, 8, 2)] {
         cases.push(base(q_len, hq, hkv, 256));
     }
-    for layout in [
-        Layout::TokenMajor { pad: 8 },
-        Layout::HeadMajor,
-        Layout::Paged { page_size: 16 },
-        Layout::Paged { page_size: 64 },
-        Layout::Paged { page_size: 256 },
-    ] {
+    for layout in LAYOUTS {
         let mut c = base(1, 16, 2, 256);
         c.layout = layout;
         c.scale = 0.0625;

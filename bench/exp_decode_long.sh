@@ -9,8 +9,11 @@
 #    at full size (three processes), compute-sanitizer memcheck and racecheck over every gpu_attention test in
 #    small mode, and c_examples.
 #
-# Prediction, written before the first run: -0.3 to -1.2 us at Qwen3.5 ctx 32768, every other row within
-# +-0.1 us (no other row takes the variant).
+# Predictions, written before each run:
+# - two warps per stream, each stage refilled once consumed (4006a34) against f1439f6: -0.3 to -1.2 us at
+#   Qwen3.5 ctx 32768, every other row within +-0.1 us (no other row takes the variant);
+# - a third ring stage, q in registers and the softmax of rows g + 8 skipped, against bf7f46f: -0.2 to -0.6 us
+#   at the Qwen3.5 ctx 32768 rows (token-major, paged and head-major take it), every other row within +-0.1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/exp-out}

@@ -198,11 +198,21 @@ const SWIZZLE_ALIGN: usize = 1024;
 /// the streams' K/V rings (bf16 tiles of 16 keys × D, unpadded: swizzled) and the merge area (fp32 O, m
 /// and l of every stream), then q [16][D + 8] bf16 and one 8-byte mbarrier per ring stage.
 pub fn decode_mma_shared_bytes(d: usize) -> usize {
-    let (streams, stages) = (mma_streams(d), mma_stages(d));
+    mma_shared_bytes(d, mma_streams(d), mma_stages(d), MMA_ROWS)
+}
+
+/// The same for `streams` streams of `stages` stages and `q_rows` rows of q in shared memory.
+fn mma_shared_bytes(d: usize, streams: usize, stages: usize, q_rows: usize) -> usize {
     let ring = streams * stages * 2 * MMA_TILE_KEYS * d * 2;
     let merge = streams * MMA_ROWS * d * 4 + 2 * streams * MMA_ROWS * 4;
-    let bytes = ring.max(merge) + MMA_ROWS * (d + 8) * 2 + streams * stages * 8;
+    let bytes = ring.max(merge) + q_rows * (d + 8) * 2 + streams * stages * 8;
     bytes.div_ceil(8) * 8 + SWIZZLE_ALIGN
+}
+
+/// `decode_mma_shared_bytes` of the long variant: two streams of three stages, q in registers (one unused
+/// row of it in shared memory).
+fn decode_long_shared_bytes() -> usize {
+    mma_shared_bytes(LONG_HEAD_DIM, 2, 3, 1)
 }
 
 fn decode_mma_name(d: usize) -> KernelName {
@@ -415,6 +425,14 @@ impl Plan {
             (decode_mma_name(self.d), (mma_warps(self.d) * 32) as u32)
         }
     }
+    /// Shared memory the decode kernel of this plan needs.
+    fn kernel_shared_bytes(&self) -> usize {
+        if self.long {
+            decode_long_shared_bytes()
+        } else {
+            decode_mma_shared_bytes(self.d)
+        }
+    }
     /// Bytes of split partials: fp32 outputs [rows][parts][D] then fp32 lse [rows][parts].
     fn workspace_bytes(&self) -> usize {
         if self.splits <= 1 {
@@ -623,6 +641,11 @@ fn validate(a: &DecodeArgs, device: Option<&DeviceInfo>, max_q_len: i64) -> Resu
         out_strides,
     };
     plan.long = plan.long_split(a.window.is_some(), FORCE_LONG.load(Ordering::Relaxed));
+    if plan.long {
+        // The long variant needs more shared memory than the plan's residency assumed: a spread plan already
+        // requests more than it (one CTA per SM), any other is forced (tests) and runs as it fits.
+        plan.shared_bytes = plan.shared_bytes.max(decode_long_shared_bytes());
+    }
     if units > i32::MAX as usize {
         return Err(Error::unsupported(format!(
             "batch: {batch} sequences × {hkv} KV heads × {row_chunks} row chunks exceed one launch's grid"
@@ -865,8 +888,7 @@ pub unsafe fn decode(ctx: &Context, a: &DecodeArgs, stream: Stream) -> Result<()
                 params.part_lse = a.workspace + (plan.output_rows() * plan.parts() * plan.d * 4) as u64;
             }
             let split = plan.splits > 1;
-            // The long variant has the same streams and stages, so the same shared memory.
-            let ((name, threads), need) = (plan.decode_kernel(), decode_mma_shared_bytes(plan.d));
+            let ((name, threads), need) = (plan.decode_kernel(), plan.kernel_shared_bytes());
             // Every variant fits (see the tests below); this guards the tables against a future edit.
             if need > SHARED_LIMIT {
                 return Err(Error::internal(format!("{name} needs {need} bytes of shared memory")));
@@ -1033,6 +1055,9 @@ mod tests {
             assert!(decode_mma_shared_bytes(d) <= SHARED_LIMIT, "mma decode D={d}");
             assert_eq!(mma_warps(d) % mma_slices(d), 0, "mma decode D={d}");
         }
+        assert!(decode_long_shared_bytes() <= SHARED_LIMIT, "long decode");
+        assert_eq!(decode_long_shared_bytes(), 3 * 2 * 2 * 16 * 256 * 2 + 528 + 48 + SWIZZLE_ALIGN);
+        assert!(device(170, 100).blocks_per_sm_by_shared(decode_long_shared_bytes()) >= 1);
     }
 
     /// A device of `sms` SMs with `shared_per_sm` KiB of shared memory each (1 KiB reserved per block, the

@@ -137,6 +137,9 @@ SPK_DEVICE void zero_partials(const DecodeParams& p, int b, int hkv, int row0, i
 // window and many tiles per stream) gives each of the two streams two warps, each owning half the output
 // dims (half the P V MMAs per warp, four warps issuing), and refills a ring stage as soon as its tile is
 // consumed: S tiles in flight per stream instead of S - 1, at the cost of one more stream barrier per tile.
+// Its CTAs hold at most 8 rows (one partial per stream needs that), so q's A fragments of rows g are kept in
+// registers (rows g + 8 are zero, and their softmax is skipped), which leaves the shared memory of q to a
+// third ring stage.
 template <int D, bool LONG = false> struct DecodeMma {
     static_assert(!LONG || D == 256, "the long variant is built for D = 256");
     static constexpr int WARPS = LONG ? 4 : D >= 256 ? 2 : 4;
@@ -144,7 +147,9 @@ template <int D, bool LONG = false> struct DecodeMma {
     static constexpr int SLICES = LONG || D >= 512 ? 2 : 1;
     static constexpr int STREAMS = WARPS / SLICES;
     static constexpr int DO = D / SLICES;
-    static constexpr int STAGES = D <= 64 ? 3 : 2;
+    static constexpr int STAGES = LONG || D <= 64 ? 3 : 2;
+    // Rows of q in shared memory (none used by LONG, which keeps q in registers).
+    static constexpr int Q_ROWS = LONG ? 1 : 16;
     // Tiles in flight per stream: a stage is refilled once consumed (LONG) or once the next tile is waited for.
     static constexpr int AHEAD = LONG ? STAGES : STAGES - 1;
     static constexpr int THREADS = WARPS * 32;
@@ -178,7 +183,7 @@ template <int D, bool LONG = false> struct DecodeMmaShared {
         Ring ring[T::STREAMS][T::STAGES];
         Merge merge;  // after every warp has finished its tiles; o's columns swizzled (see the kernel's end)
     } u;
-    bf16_t q[16][T::PITCH];
+    bf16_t q[T::Q_ROWS][T::PITCH];
     unsigned long long bar[T::STREAMS][T::STAGES];  // one mbarrier per ring stage
 };
 
@@ -314,6 +319,8 @@ __global__ void __launch_bounds__(DecodeMma<D, LONG>::THREADS, 1)
     // This CTA's rows: [row0, row0 + rows) of the rows_total = group * tq of its (sequence, KV head).
     const int row0 = row_chunk * 16;
     const int rows = min(16, p.rows_total - row0);
+    // LONG keeps q of rows g only (see DecodeMma); ops::attention takes it for at most 8 rows.
+    if (LONG && rows > 8) __trap();
 
     // The thread that issues a stream's copies initialises its barriers (the stream's other threads wait on
     // them after the __syncthreads that publishes q).
@@ -392,13 +399,28 @@ __global__ void __launch_bounds__(DecodeMma<D, LONG>::THREADS, 1)
         early_begin += first_key(hint_len) & ~(T::N - 1);
         early_limit = min(early_begin + p.chunk_keys, hint_len);
     }
+    // LONG: this lane's A fragments of q (row g, dims 16 kk + 2c, + 1 and 16 kk + 8 + 2c, + 1), zero past the
+    // CTA's rows.
+    unsigned q_frag[LONG ? D / 16 : 1][2];
     auto copy_q = [&]() {
+        if constexpr (LONG) {
+            int t, hq;
+            row_token_head(row0 + (g < rows ? g : 0), p.group, hkv, t, hq);
+            const bf16_t* src =
+                p.q + (i64)b * p.q_stride_batch + (i64)t * p.q_stride_token + (i64)hq * p.q_stride_head + 2 * c;
 #pragma unroll
-        for (int k = 0; k < VECS / (T::THREADS / 16); ++k) {
-            const int vec = (tid >> 4) + k * (T::THREADS / 16);
-            cp_async_16(&s.q[q_r][vec * 8], q_src + vec * 8, q_valid);
+            for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+                    q_frag[kk][h] = g < rows ? *reinterpret_cast<const unsigned*>(src + kk * 16 + 8 * h) : 0u;
+        } else {
+#pragma unroll
+            for (int k = 0; k < VECS / (T::THREADS / 16); ++k) {
+                const int vec = (tid >> 4) + k * (T::THREADS / 16);
+                cp_async_16(&s.q[q_r][vec * 8], q_src + vec * 8, q_valid);
+            }
+            cp_async_commit();
         }
-        cp_async_commit();
     };
     if (p.flags & DECODE_Q_FIRST) copy_q();
     int issued = 0;
@@ -555,7 +577,14 @@ __global__ void __launch_bounds__(DecodeMma<D, LONG>::THREADS, 1)
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
             unsigned a[4], bk[4];
-            ldmatrix_x4(a, &s.q[lane & 15][kk * 16 + (lane >> 4) * 8]);
+            if constexpr (LONG) {
+                a[0] = q_frag[kk][0];
+                a[1] = 0u;
+                a[2] = q_frag[kk][1];
+                a[3] = 0u;
+            } else {
+                ldmatrix_x4(a, &s.q[lane & 15][kk * 16 + (lane >> 4) * 8]);
+            }
             ldmatrix_x4(bk, swizzled_step(k_lane, kk * 2));
             float (&acc)[2][4] = (QK_PAIRS && (kk & 1)) ? sc_odd : sc;
             mma_bf16_16816(acc[0], a, bk[0], bk[1]);
@@ -571,9 +600,10 @@ __global__ void __launch_bounds__(DecodeMma<D, LONG>::THREADS, 1)
         // Scale (log2 units), softcap, mask; online softmax per row (a row's 16 values sit in a quad's lanes).
         const bool full = start >= full_lo && start + T::N <= full_hi;
         bool moved = false;
-        float alpha_row[2];
+        float alpha_row[2] = {1.0f, 1.0f};
+        // LONG: rows g + 8 lie past the CTA's rows; their scores are left unused.
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
+        for (int h = 0; h < (LONG ? 1 : 2); ++h) {
             const int r = g + 8 * h;
             const int pos = pos_row[h];
             float mx = neg_inf();
@@ -600,9 +630,9 @@ __global__ void __launch_bounds__(DecodeMma<D, LONG>::THREADS, 1)
         // straight from the S accumulators.
         unsigned a[4];
         a[0] = pack_bf16x2(sc[0][0], sc[0][1]);
-        a[1] = pack_bf16x2(sc[0][2], sc[0][3]);
+        a[1] = LONG ? 0u : pack_bf16x2(sc[0][2], sc[0][3]);
         a[2] = pack_bf16x2(sc[1][0], sc[1][1]);
-        a[3] = pack_bf16x2(sc[1][2], sc[1][3]);
+        a[3] = LONG ? 0u : pack_bf16x2(sc[1][2], sc[1][3]);
 #pragma unroll
         for (int d2 = 0; d2 < DT / 2; ++d2) {
             unsigned bv[4];

@@ -223,9 +223,10 @@ fn decode_mma_name(d: usize) -> KernelName {
 const LONG_HEAD_DIM: usize = 256;
 /// Warps of the long variant: two per stream, each owning half the output dims.
 const LONG_WARPS: usize = 4;
-/// Fewest tiles per stream of a split that take the long variant without being forced: a stream keeps both
+/// Fewest tiles per stream of a split that take the long variant without being forced: a stream keeps all
 /// its stages in flight from the first tile, which pays only where it has many (ctx 16384 and up on the
-/// H100's one-CTA-per-SM plan for Qwen3.5; ctx 4096 measured 0.5 µs slower with it, docs/PERF.md).
+/// H100's one-CTA-per-SM plan for Qwen3.5; at ctx 4096, two tiles per stream, refilling each stage once
+/// consumed measured 0.6 µs slower, docs/PERF.md).
 const LONG_MIN_TILES: usize = 8;
 
 fn decode_long_name() -> KernelName {
@@ -407,9 +408,9 @@ impl Plan {
     }
     /// Whether this plan takes the long variant of the decode kernel: head dim 256 without a window and with
     /// one partial per stream (the variant writes no other), one sequence and at least LONG_MIN_TILES tiles
-    /// per stream, or any of those where `forced`. On the H100 two warps per stream with each stage
-    /// refilled once consumed measured 1.2 µs faster at Qwen3.5 ctx 32768 than a build taking one warp per
-    /// stream through the same runtime branch, and 13% slower at B = 16 with lengths 1K–32K (docs/PERF.md).
+    /// per stream, or any of those where `forced`. On the H100 it took Qwen3.5 ctx 32768 from 27.62 to 27.13
+    /// µs, and its third stage the paged (page 64) row from 28.47 to 27.95; as a runtime switch it was 13%
+    /// slower at B = 16 with lengths 1K–32K, which it does not take (docs/PERF.md).
     fn long_split(&self, window: bool, forced: bool) -> bool {
         let tiles = self.chunk_keys / (mma_streams(self.d) * MMA_TILE_KEYS);
         self.d == LONG_HEAD_DIM

@@ -9,7 +9,9 @@
 //! times the new tokens, padded to one m16 tile, so each K/V tile is read once for 16 rows (group × Tq
 //! above 16, e.g. group 8 verifying 4 draft tokens, takes several row chunks); each warp, or at D = 512
 //! each pair of warps splitting the output dims, streams its own keys, 16 at a time by two TMA copies
-//! through tensor maps of the K and V caches encoded per launch (`cache_tensor_map`). The split
+//! through tensor maps of the K and V caches encoded per launch (`cache_tensor_map`). One long sequence at
+//! D = 256 (Qwen3.5 ctx 16384 and up) takes the long variant `flash_decode_mma_kernel<256, true>`: two warps
+//! per stream, q in registers and three tiles in flight per stream (`Plan::long_split`). The split
 //! partials are merged by `attention_combine_kernel`, or where a row has few of them (batches) by
 //! `attention_combine_rows_kernel`.
 

@@ -80,11 +80,13 @@ const MAX_CTAS_PER_SM: usize = 3;
 fn decode_slots(device: Option<&DeviceInfo>, d: usize) -> (usize, usize) {
     match device {
         None => (1, 1),
-        Some(info) => (
-            info.sm_count.max(1) as usize,
-            info.blocks_per_sm_by_shared(decode_mma_shared_bytes(d)).clamp(1, MAX_CTAS_PER_SM),
-        ),
+        Some(info) => (info.sm_count.max(1) as usize, resident_ctas(info, decode_mma_shared_bytes(d))),
     }
+}
+
+/// Decode CTAs of `need` bytes of shared memory each that one SM of `info` holds, 1 to MAX_CTAS_PER_SM.
+fn resident_ctas(info: &DeviceInfo, need: usize) -> usize {
+    info.blocks_per_sm_by_shared(need).clamp(1, MAX_CTAS_PER_SM)
 }
 
 /// Whether a decode launch spreads its CTAs one per SM on a device that holds several (`Some(dynamic shared
@@ -124,18 +126,16 @@ fn decode_spread(
     info.shared_for_blocks_per_sm(decode_mma_shared_bytes(d), 1)
 }
 
-/// Dynamic shared memory for a decode grid of `ctas` CTAs: where the grid is smaller than the CTAs the SMs
-/// hold, enough that an SM holds at most ceil(ctas / SMs) of them, so that the block scheduler cannot stack
-/// them on some SMs and leave others idle (a grid planned for one CTA per SM ran as if stacked without a
-/// hold, see decode_spread; a spread grid, at most one CTA per SM, gets its request from here too); what the
-/// kernel needs otherwise. On the H100 the local window's 264 CTAs held to two per SM took 7.75 µs against
-/// 8.1, Tq = 4 at ctx 4096 (256 CTAs) 10.97 against 11.25; generic ctx 4096 (256) did not move
-/// (docs/PERF.md). sm_120 / sm_121 hold one.
-fn decode_hold(info: &DeviceInfo, d: usize, ctas: usize) -> usize {
-    let need = decode_mma_shared_bytes(d);
-    let (sms, ctas_per_sm) = decode_slots(Some(info), d);
-    let per_sm = ctas.div_ceil(sms).max(1);
-    if per_sm >= ctas_per_sm {
+/// Dynamic shared memory for a decode grid of `ctas` CTAs of a kernel that needs `need` bytes: where the grid
+/// is smaller than the CTAs the SMs hold, enough that an SM holds at most ceil(ctas / SMs) of them, so that
+/// the block scheduler cannot stack them on some SMs and leave others idle (a grid planned for one CTA per SM
+/// ran as if stacked without a hold, see decode_spread; a spread grid, at most one CTA per SM, gets its
+/// request from here too); what the kernel needs otherwise. On the H100 the local window's 264 CTAs held to
+/// two per SM took 7.75 µs against 8.1, Tq = 4 at ctx 4096 (256 CTAs) 10.97 against 11.25; generic ctx 4096
+/// (256) did not move (docs/PERF.md). sm_120 / sm_121 hold one.
+fn decode_hold(info: &DeviceInfo, need: usize, ctas: usize) -> usize {
+    let per_sm = ctas.div_ceil(info.sm_count.max(1) as usize).max(1);
+    if per_sm >= resident_ctas(info, need) {
         return need;
     }
     info.shared_for_blocks_per_sm(need, per_sm).unwrap_or(need)
@@ -214,7 +214,7 @@ fn mma_shared_bytes(d: usize, streams: usize, stages: usize, q_rows: usize) -> u
 /// `decode_mma_shared_bytes` of the long variant: two streams of three stages, q in registers (one unused
 /// row of it in shared memory).
 fn decode_long_shared_bytes() -> usize {
-    mma_shared_bytes(LONG_HEAD_DIM, 2, 3, 1)
+    mma_shared_bytes(LONG_HEAD_DIM, LONG_STREAMS, LONG_STAGES, 1)
 }
 
 fn decode_mma_name(d: usize) -> KernelName {
@@ -223,8 +223,11 @@ fn decode_mma_name(d: usize) -> KernelName {
 
 /// Head dim of the long variant of the decode kernel (`flash_decode_mma_kernel<D, true>`).
 const LONG_HEAD_DIM: usize = 256;
-/// Warps of the long variant: two per stream, each owning half the output dims.
-const LONG_WARPS: usize = 4;
+/// KV streams, ring stages per stream and warps of the long variant (DecodeMma<256, true>): two warps per
+/// stream, each owning half the output dims.
+const LONG_STREAMS: usize = 2;
+const LONG_STAGES: usize = 3;
+const LONG_WARPS: usize = 2 * LONG_STREAMS;
 /// Fewest tiles per stream of a split that take the long variant without being forced: a stream keeps all
 /// its stages in flight from the first tile, which pays only where it has many (ctx 16384 and up on the
 /// H100's one-CTA-per-SM plan for Qwen3.5; at ctx 4096, two tiles per stream, refilling each stage once
@@ -624,8 +627,6 @@ fn validate(a: &DecodeArgs, device: Option<&DeviceInfo>, max_q_len: i64) -> Resu
     let (sms, ctas_per_sm) = decode_slots(device, d);
     let spread = device.and_then(|info| decode_spread(info, d, batch, hkv, row_chunks, tiles));
     let (splits, chunk_tiles) = split_plan(tiles, units, sms, if spread.is_some() { 1 } else { ctas_per_sm });
-    // Spread or not, the grid's CTAs per SM follow from its size (a spread grid's request is decode_spread's).
-    let shared_bytes = device.map_or(decode_mma_shared_bytes(d), |info| decode_hold(info, d, units * splits));
     let mut plan = Plan {
         batch,
         q_len,
@@ -637,18 +638,17 @@ fn validate(a: &DecodeArgs, device: Option<&DeviceInfo>, max_q_len: i64) -> Resu
         row_chunks,
         splits,
         chunk_keys: chunk_tiles * keys,
-        shared_bytes,
+        shared_bytes: 0,
         q_first: spread.is_some() && d == 256,
         long: false,
         q_strides,
         out_strides,
     };
     plan.long = plan.long_split(a.window.is_some(), FORCE_LONG.load(Ordering::Relaxed));
-    if plan.long {
-        // The long variant needs more shared memory than the plan's residency assumed: a spread plan already
-        // requests more than it (one CTA per SM), any other is forced (tests) and runs as it fits.
-        plan.shared_bytes = plan.shared_bytes.max(decode_long_shared_bytes());
-    }
+    // Spread or not, the grid's CTAs per SM follow from its size and the kernel it launches (a spread grid's
+    // request is decode_spread's).
+    let need = plan.kernel_shared_bytes();
+    plan.shared_bytes = device.map_or(need, |info| decode_hold(info, need, units * splits));
     if units > i32::MAX as usize {
         return Err(Error::unsupported(format!(
             "batch: {batch} sequences × {hkv} KV heads × {row_chunks} row chunks exceed one launch's grid"
@@ -1094,17 +1094,17 @@ mod tests {
         let need = decode_mma_shared_bytes(256);
         // The local window: 8 KV heads × 33 splits = 264 CTAs of 396 slots, two per SM.
         assert_eq!(split_plan(33, 8, 132, 3), (33, 1));
-        let held = decode_hold(&h100, 256, 264);
+        let held = decode_hold(&h100, need, 264);
         assert!(held > need && held <= SHARED_LIMIT && held.is_multiple_of(16));
         assert_eq!(h100.blocks_per_sm_by_shared(held), 2);
         // One per SM below the SM count; a grid of every slot or more, and sm_120's one slot, keep the need.
-        assert_eq!(h100.blocks_per_sm_by_shared(decode_hold(&h100, 256, 100)), 1);
-        assert_eq!([265, 396, 1000].map(|n| decode_hold(&h100, 256, n)), [need; 3]);
-        assert_eq!(decode_hold(&sm120, 256, 100), need);
-        assert_eq!(h100.blocks_per_sm_by_shared(decode_hold(&h100, 512, 100)), 1);
-        assert_eq!(decode_hold(&h100, 512, 133), decode_mma_shared_bytes(512));
+        assert_eq!(h100.blocks_per_sm_by_shared(decode_hold(&h100, need, 100)), 1);
+        assert_eq!([265, 396, 1000].map(|n| decode_hold(&h100, need, n)), [need; 3]);
+        assert_eq!(decode_hold(&sm120, need, 100), need);
+        assert_eq!(h100.blocks_per_sm_by_shared(decode_hold(&h100, decode_mma_shared_bytes(512), 100)), 1);
+        assert_eq!(decode_hold(&h100, decode_mma_shared_bytes(512), 133), decode_mma_shared_bytes(512));
         // A spread grid (Qwen3.5 ctx 32768: 2 KV heads × 64 splits) gets decode_spread's request.
-        assert_eq!(Some(decode_hold(&h100, 256, 128)), decode_spread(&h100, 256, 1, 2, 1, 1024));
+        assert_eq!(Some(decode_hold(&h100, need, 128)), decode_spread(&h100, 256, 1, 2, 1, 1024));
     }
 
     #[test]

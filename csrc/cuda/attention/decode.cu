@@ -601,8 +601,9 @@ __global__ void __launch_bounds__(DecodeMma<D, LONG>::THREADS, 1)
         // Scale (log2 units), softcap, mask; online softmax per row (a row's 16 values sit in a quad's lanes).
         const bool full = start >= full_lo && start + T::N <= full_hi;
         bool moved = false;
-        float alpha_row[2] = {1.0f, 1.0f};
+        float alpha_row[2];
         // LONG: rows g + 8 lie past the CTA's rows; their scores are left unused.
+        if constexpr (LONG) alpha_row[1] = 1.0f;
 #pragma unroll
         for (int h = 0; h < (LONG ? 1 : 2); ++h) {
             const int r = g + 8 * h;

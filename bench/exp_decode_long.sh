@@ -7,7 +7,7 @@
 # 2. the_long_decode_variant_matches_the_reference in small mode.
 # 3. Only if this build's Qwen3.5 ctx 32768 mean is at least 0.2 us below main's: every gpu_attention test
 #    at full size (three processes), compute-sanitizer memcheck and racecheck over every gpu_attention test in
-#    small mode, and c_examples.
+#    small mode, and c_examples. FORCE_CHECKS=1 runs them whatever the times.
 #
 # Predictions, written before each run:
 # - two warps per stream, each stage refilled once consumed (4006a34) against f1439f6: -0.3 to -1.2 us at
@@ -54,7 +54,7 @@ echo "long variant, small: rc=$?"; grep -E "^test |panicked|failed" "$OUT/long_s
 main_q=$(qwen main1 main2 | awk '{s+=$1; n++} END {if (n == 2) printf "%.3f", s / n}')
 long_q=$(qwen long1 long2 | awk '{s+=$1; n++} END {if (n == 2) printf "%.3f", s / n}')
 echo "qwen3.5 ctx 32768 mean: main ${main_q:-?} long ${long_q:-?}"
-if [ -z "$main_q" ] || [ -z "$long_q" ] || ! awk -v m="$main_q" -v l="$long_q" 'BEGIN {exit !(l <= m - 0.2)}'; then
+if [ -z "${FORCE_CHECKS:-}" ] && { [ -z "$main_q" ] || [ -z "$long_q" ] || ! awk -v m="$main_q" -v l="$long_q" 'BEGIN {exit !(l <= m - 0.2)}'; }; then
   echo "gate: not passed (needs long <= main - 0.2); checks skipped"
   exit 0
 fi

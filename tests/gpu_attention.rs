@@ -559,9 +559,8 @@ fn replay_graphs(gpu: &Gpu, shapes: &[GraphShape]) {
 /// refilled once consumed), which the plan takes by itself only for one sequence of many tiles per split at
 /// head dim 256 (ctx 32768 of model_shapes_at_long_context_and_large_batches at full size), forced onto every
 /// case it can run: head dim 256, no window, at most 8 rows per CTA (so one partial per stream) and a split
-/// key range. Boundary
-/// lengths within a batch, length 0, every GQA group up to 8, Tq = 2 with causal masking, softcap, every
-/// cache layout, one sequence on the spread plan, and a graph replayed at new lengths.
+/// key range. Boundary lengths within a batch, length 0, every GQA group up to 8, Tq = 2 with causal masking,
+/// softcap, every cache layout, one sequence on the spread plan, and a graph replayed at new lengths.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn the_long_decode_variant_matches_the_reference() {

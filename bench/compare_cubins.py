@@ -1,77 +1,20 @@
 #!/usr/bin/env python3
-"""Compares the machine code of the attention kernels between two source trees.
+"""Compares the machine code of every kernel between two `sparkinfer compile --cubins` folders.
 
-Compiles csrc/cuda/attention/decode.cu of each tree with NVRTC (the options of src/runtime/jit.rs) for each
-architecture and reports, per kernel, whether its .text section is byte-identical. A change that must leave
-the default kernels as they were (a new template variant, a new kernel beside them) is checked this way
-before any device time is spent on it.
+A change that must leave the existing kernels as they were (a new template variant, a new kernel beside them)
+is checked this way before any device time is spent on it. Build each tree's `sparkinfer`, then:
 
-  SPARKINFER_NVRTC_LIBRARY=.../libnvrtc.so.13 python3 bench/compare_cubins.py OLD_TREE NEW_TREE [ARCH ...]
+  sparkinfer compile --arch sm_90,sm_120,sm_121,sm_110 --cubins OLD_DIR   (old tree's binary)
+  sparkinfer compile --arch sm_90,sm_120,sm_121,sm_110 --cubins NEW_DIR   (new tree's binary)
+  python3 bench/compare_cubins.py OLD_DIR NEW_DIR
 
-ARCH defaults to sm_90 sm_120 sm_121 sm_110. The NVRTC builtins library must sit beside libnvrtc (the PyPI
-wheel's layout); its folder is put on the loader's path here. Exits 1 if any kernel differs.
+For each architecture and module both folders hold, each kernel (by its name expression, so a template
+parameter added with a default still pairs up) is reported identical or DIFFERENT by its `.text` section;
+kernels of one side only are listed as such. Exits 1 if any kernel of both sides differs.
 """
-import ctypes
 import os
 import struct
 import sys
-
-KERNELS = [
-    "flash_decode_mma_kernel<64>",
-    "flash_decode_mma_kernel<128>",
-    "flash_decode_mma_kernel<256>",
-    "flash_decode_mma_kernel<512>",
-    "flash_decode_mma_kernel<256, true>",
-    "attention_combine_kernel<64>",
-    "attention_combine_kernel<256>",
-    "attention_combine_kernel<512>",
-    "attention_combine_rows_kernel<256>",
-    "attention_prefill_kernel<128>",
-    "attention_prefill_kernel<256>",
-    "attention_prefill_kernel<512>",
-]
-
-
-def nvrtc():
-    path = os.environ.get("SPARKINFER_NVRTC_LIBRARY")
-    if not path:
-        sys.exit("set SPARKINFER_NVRTC_LIBRARY to libnvrtc.so.13")
-    # libnvrtc loads its builtins by name.
-    ctypes.CDLL(os.path.join(os.path.dirname(path), "libnvrtc-builtins.so.13.0"), mode=ctypes.RTLD_GLOBAL)
-    return ctypes.CDLL(path)
-
-
-def compile_tree(lib, root, arch):
-    """The cubin of the tree's decode.cu for `arch`, and each kernel's lowered name."""
-    src = open(os.path.join(root, "csrc/cuda/attention/decode.cu")).read().encode()
-    common = os.path.join(root, "csrc/common")
-    names = sorted(os.listdir(common))
-    headers = [open(os.path.join(common, n)).read().encode() for n in names]
-    include = [f"common/{n}".encode() for n in names]
-    strings = ctypes.c_char_p * len(names)
-    prog = ctypes.c_void_p()
-    if lib.nvrtcCreateProgram(ctypes.byref(prog), src, b"decode.cu", len(names), strings(*headers), strings(*include)):
-        sys.exit("nvrtcCreateProgram failed")
-    for k in KERNELS:
-        lib.nvrtcAddNameExpression(prog, k.encode())
-    opts = [f"--gpu-architecture={arch}".encode(), b"--std=c++17", b"-DSPARKINFER_JIT=1"]
-    if lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts)):
-        size = ctypes.c_size_t()
-        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-        log = ctypes.create_string_buffer(size.value)
-        lib.nvrtcGetProgramLog(prog, log)
-        sys.exit(f"{root} {arch}: compile failed\n{log.value.decode()}")
-    lowered = {}
-    for k in KERNELS:
-        name = ctypes.c_char_p()
-        lib.nvrtcGetLoweredName(prog, k.encode(), ctypes.byref(name))
-        lowered[k] = name.value.decode()
-    size = ctypes.c_size_t()
-    lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
-    cubin = ctypes.create_string_buffer(size.value)
-    lib.nvrtcGetCUBIN(prog, cubin)
-    lib.nvrtcDestroyProgram(ctypes.byref(prog))
-    return cubin.raw, lowered
 
 
 def sections(elf):
@@ -87,21 +30,35 @@ def sections(elf):
     return out
 
 
+def module(folder, arch, name):
+    """(name expression -> .text bytes) of one module of a --cubins folder."""
+    base = os.path.join(folder, arch, name)
+    text = sections(open(base + ".cubin", "rb").read())
+    kernels = {}
+    for line in open(base + ".names"):
+        expr, lowered = line.rstrip("\n").split("\t")
+        kernels[expr] = text.get(".text." + lowered)
+    return kernels
+
+
 def main():
-    if len(sys.argv) < 3:
+    if len(sys.argv) != 3:
         sys.exit(__doc__)
     old, new = sys.argv[1], sys.argv[2]
-    archs = sys.argv[3:] or ["sm_90", "sm_120", "sm_121", "sm_110"]
-    lib = nvrtc()
     differ = 0
-    for arch in archs:
-        (a, la), (b, lb) = compile_tree(lib, old, arch), compile_tree(lib, new, arch)
-        sa, sb = sections(a), sections(b)
-        for k in KERNELS:
-            ta, tb = sa.get(".text." + la[k]), sb.get(".text." + lb[k])
-            same = ta is not None and ta == tb
-            differ += not same
-            print(f"{arch:7} {k:40} {'identical' if same else 'DIFFERENT'} ({len(ta or b'')} / {len(tb or b'')} bytes)")
+    for arch in sorted(set(os.listdir(old)) & set(os.listdir(new))):
+        names = {f[: -len(".names")] for f in os.listdir(os.path.join(old, arch)) if f.endswith(".names")}
+        names &= {f[: -len(".names")] for f in os.listdir(os.path.join(new, arch)) if f.endswith(".names")}
+        for name in sorted(names):
+            a, b = module(old, arch, name), module(new, arch, name)
+            for expr in sorted(set(a) | set(b)):
+                if expr not in b or expr not in a:
+                    print(f"{arch:7} {expr:44} only in {'old' if expr in a else 'new'}")
+                    continue
+                same = a[expr] is not None and a[expr] == b[expr]
+                differ += not same
+                sizes = f"{len(a[expr] or b'')} / {len(b[expr] or b'')} bytes"
+                print(f"{arch:7} {expr:44} {'identical' if same else 'DIFFERENT'} ({sizes})")
     sys.exit(1 if differ else 0)
 
 

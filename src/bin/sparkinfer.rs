@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! sparkinfer info
-//! sparkinfer compile [--arch sm_90,sm_100,sm_110,sm_120,sm_121]
+//! sparkinfer compile [--arch sm_90,sm_100,sm_110,sm_120,sm_121] [--cubins DIR]
 //! sparkinfer check   [--device N | --cpu] [--seed S]
 //! sparkinfer bench   [--device N | --cpu] [--json FILE] [--quick]
 //! ```
@@ -22,8 +22,11 @@ const USAGE: &str = "usage: sparkinfer <command> [options]
 
 commands:
   info                      driver, NVRTC, devices and cache folder
-  compile [--arch LIST]     compile every kernel for the listed archs (default sm_90,sm_100,sm_110,sm_120,sm_121)
-                            and report registers, shared memory and spills; fails on a compile error or spill
+  compile [--arch LIST] [--cubins DIR]
+                            compile every kernel for the listed archs (default sm_90,sm_100,sm_110,sm_120,sm_121)
+                            and report registers, shared memory and spills; fails on a compile error or spill;
+                            with --cubins, also writes each module's cubin and kernel names under DIR/ARCH/
+                            (bench/compare_cubins.py compares two such folders)
   check [--device N|--cpu] [--seed S]
                             run every op against the reference on random inputs at the model shapes
                             (on the GPU when there is one, else on the CPU backend)
@@ -42,6 +45,8 @@ pub struct Options {
     pub quick: bool,
     /// Benchmark families to run (empty: all).
     pub only: Vec<String>,
+    /// `compile`: the folder the cubins are written to.
+    pub cubins: Option<String>,
 }
 
 fn parse(args: &[String]) -> Result<Options, String> {
@@ -53,6 +58,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         archs: ["sm_90", "sm_100", "sm_110", "sm_120", "sm_121"].iter().map(|s| s.to_string()).collect(),
         quick: false,
         only: Vec::new(),
+        cubins: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -66,6 +72,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
                 o.archs = value("--arch")?.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
             }
             "--quick" => o.quick = true,
+            "--cubins" => o.cubins = Some(value("--cubins")?),
             "--only" => {
                 o.only = value("--only")?.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
             }

@@ -166,9 +166,8 @@ template <int D, bool LONG = false> struct DecodeMma {
 constexpr int SWIZZLE_ALIGN = 1024;
 
 // Shared memory of one CTA; ops::attention::decode_mma_shared_bytes (decode_long_shared_bytes for LONG)
-// computes the same size. The rings come
-// first, at the SWIZZLE_ALIGN-aligned base; every tile's size is a multiple of 2048 bytes, so every tile
-// is aligned too.
+// computes the same size. The rings come first, at the SWIZZLE_ALIGN-aligned base; every tile's size is a
+// multiple of 2048 bytes, so every tile is aligned too.
 template <int D, bool LONG = false> struct DecodeMmaShared {
     using T = DecodeMma<D, LONG>;
     struct Ring {

@@ -1,5 +1,7 @@
 //! `sparkinfer compile`: every kernel instantiation for each named architecture, with the resources
-//! ptxas reports. Fails on a compile error, a spill, or static shared memory over the sm_120 limit.
+//! ptxas reports. Fails on a compile error, a spill, or static shared memory over the sm_120 limit. With
+//! `--cubins DIR`, each module's cubin goes to DIR/ARCH/NAME.cubin and its kernels' name expressions and
+//! lowered names, a tab apart, to DIR/ARCH/NAME.names (NAME: the source's path, `/` as `_`, without `.cu`).
 
 use crate::Options;
 use sparkinfer::runtime::jit;
@@ -25,6 +27,11 @@ pub fn run(o: &Options) -> Result<(), String> {
                     continue;
                 }
             };
+            if let Some(dir) = &o.cubins {
+                if let Err(e) = write_cubin(dir, arch, source.path, &module) {
+                    failures.push(format!("{arch} {}: {e}", source.path));
+                }
+            }
             let resources = jit::parse_ptxas_log(&module.log);
             for (expr, lowered) in &module.lowered_names {
                 let Some(r) = resources.iter().find(|r| &r.lowered_name == lowered) else {
@@ -58,4 +65,14 @@ pub fn run(o: &Options) -> Result<(), String> {
     } else {
         Err(format!("{} problem(s):\n  {}", failures.len(), failures.join("\n  ")))
     }
+}
+
+/// Writes `module`'s cubin and kernel names under `dir`/`arch` (see the module docs).
+fn write_cubin(dir: &str, arch: &str, path: &str, module: &jit::CompiledModule) -> std::io::Result<()> {
+    let folder = std::path::Path::new(dir).join(arch);
+    std::fs::create_dir_all(&folder)?;
+    let name = path.trim_end_matches(".cu").replace('/', "_");
+    std::fs::write(folder.join(format!("{name}.cubin")), &module.cubin)?;
+    let names: String = module.lowered_names.iter().map(|(expr, lowered)| format!("{expr}\t{lowered}\n")).collect();
+    std::fs::write(folder.join(format!("{name}.names")), names)
 }

@@ -30,6 +30,11 @@ def sections(elf):
     return out
 
 
+def modules(folder, arch):
+    """The module names of one architecture of a --cubins folder."""
+    return {f[: -len(".names")] for f in os.listdir(os.path.join(folder, arch)) if f.endswith(".names")}
+
+
 def module(folder, arch, name):
     """(name expression -> .text bytes) of one module of a --cubins folder."""
     base = os.path.join(folder, arch, name)
@@ -47,9 +52,7 @@ def main():
     old, new = sys.argv[1], sys.argv[2]
     differ = 0
     for arch in sorted(set(os.listdir(old)) & set(os.listdir(new))):
-        names = {f[: -len(".names")] for f in os.listdir(os.path.join(old, arch)) if f.endswith(".names")}
-        names &= {f[: -len(".names")] for f in os.listdir(os.path.join(new, arch)) if f.endswith(".names")}
-        for name in sorted(names):
+        for name in sorted(modules(old, arch) & modules(new, arch)):
             a, b = module(old, arch, name), module(new, arch, name)
             for expr in sorted(set(a) | set(b)):
                 if expr not in b or expr not in a:

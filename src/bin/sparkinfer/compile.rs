@@ -1,7 +1,7 @@
 //! `sparkinfer compile`: every kernel instantiation for each named architecture, with the resources
 //! ptxas reports. Fails on a compile error, a spill, or static shared memory over the sm_120 limit. With
 //! `--cubins DIR`, each module's cubin goes to DIR/ARCH/NAME.cubin and its kernels' name expressions and
-//! lowered names, a tab apart, to DIR/ARCH/NAME.names (NAME: the source's path, `/` as `_`, without `.cu`).
+//! lowered names, a tab apart, to DIR/ARCH/NAME.names (NAME: the source's short name, `KernelSource::name`).
 
 use crate::Options;
 use sparkinfer::runtime::jit;
@@ -28,7 +28,7 @@ pub fn run(o: &Options) -> Result<(), String> {
                 }
             };
             if let Some(dir) = &o.cubins {
-                if let Err(e) = write_cubin(dir, arch, source.path, &module) {
+                if let Err(e) = write_cubin(dir, arch, source.name, &module) {
                     failures.push(format!("{arch} {}: {e}", source.path));
                 }
             }
@@ -68,10 +68,9 @@ pub fn run(o: &Options) -> Result<(), String> {
 }
 
 /// Writes `module`'s cubin and kernel names under `dir`/`arch` (see the module docs).
-fn write_cubin(dir: &str, arch: &str, path: &str, module: &jit::CompiledModule) -> std::io::Result<()> {
+fn write_cubin(dir: &str, arch: &str, name: &str, module: &jit::CompiledModule) -> std::io::Result<()> {
     let folder = std::path::Path::new(dir).join(arch);
     std::fs::create_dir_all(&folder)?;
-    let name = path.trim_end_matches(".cu").replace('/', "_");
     std::fs::write(folder.join(format!("{name}.cubin")), &module.cubin)?;
     let names: String = module.lowered_names.iter().map(|(expr, lowered)| format!("{expr}\t{lowered}\n")).collect();
     std::fs::write(folder.join(format!("{name}.names")), names)

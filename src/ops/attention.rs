@@ -11,7 +11,8 @@
 //! each pair of warps splitting the output dims, streams its own keys, 16 at a time by two TMA copies
 //! through tensor maps of the K and V caches encoded per launch (`cache_tensor_map`). One long sequence at
 //! D = 256 (Qwen3.5 ctx 16384 and up) takes the long variant `flash_decode_mma_kernel<256, true>`: two warps
-//! per stream, q in registers and three tiles in flight per stream (`Plan::long_split`). The split
+//! per stream, q in registers and three tiles in flight per stream (`Plan::long_split`). Where the grid fits
+//! one wave, each CTA asks L2 for the tiles it copies first before its PDL wait (`Plan::prefetch`). The split
 //! partials are merged by `attention_combine_kernel`, or where a row has few of them (batches) by
 //! `attention_combine_rows_kernel`.
 
@@ -158,6 +159,11 @@ fn split_plan(tiles: usize, units: usize, sms: usize, ctas_per_sm: usize) -> (us
     let chunk = tiles.div_ceil(wanted);
     (tiles.div_ceil(chunk), chunk)
 }
+/// Whether a grid of `ctas` CTAs is resident at once on `sms` SMs that hold `per_sm` each (Plan::prefetch).
+fn one_wave(ctas: usize, sms: usize, per_sm: usize) -> bool {
+    ctas <= sms * per_sm
+}
+
 /// Shared memory a block may use on sm_120 / sm_121; every decode variant stays below it.
 const SHARED_LIMIT: usize = 99 * 1024;
 
@@ -386,6 +392,12 @@ struct Plan {
     q_first: bool,
     /// The long variant of the kernel runs (`flash_decode_mma_kernel<256, true>`, see long_split).
     long: bool,
+    /// Each CTA asks L2 for the lines of its first tiles before the PDL wait (DECODE_PREFETCH): where the
+    /// grid fits one wave of the CTAs the SMs hold, so that every CTA is resident while the kernel before
+    /// ends and DRAM is otherwise idle. On the H100 that took Qwen3.5 ctx 32768 (the long variant, three
+    /// tiles per stream) from 27.26 to 25.70 µs (docs/PERF.md). A CTA of a later wave would start after the
+    /// wait and ask for lines its copies fetch at once.
+    prefetch: bool,
     q_strides: [usize; 3],
     out_strides: [usize; 3],
 }
@@ -641,6 +653,7 @@ fn validate(a: &DecodeArgs, device: Option<&DeviceInfo>, max_q_len: i64) -> Resu
         shared_bytes: 0,
         q_first: spread.is_some() && d == 256,
         long: false,
+        prefetch: device.is_some() && one_wave(units * splits, sms, if spread.is_some() { 1 } else { ctas_per_sm }),
         q_strides,
         out_strides,
     };
@@ -848,10 +861,11 @@ fn device_params(device: &crate::runtime::Device, a: &DecodeArgs, plan: &Plan) -
         num_pages,
         scale: a.scale,
         softcap: a.softcap.unwrap_or(0.0),
-        // DECODE_STREAM_PARTIALS | DECODE_Q_FIRST | DECODE_SKEW_HINT
+        // DECODE_STREAM_PARTIALS | DECODE_Q_FIRST | DECODE_SKEW_HINT | DECODE_PREFETCH
         flags: i32::from(plan.parts() > plan.splits)
             | i32::from(plan.q_first) << 1
-            | i32::from(SKEW_LENGTH_HINT.load(Ordering::Relaxed)) << 2,
+            | i32::from(SKEW_LENGTH_HINT.load(Ordering::Relaxed)) << 2
+            | i32::from(plan.prefetch) << 3,
     })
 }
 
@@ -1150,6 +1164,7 @@ mod tests {
             shared_bytes: decode_mma_shared_bytes(d),
             q_first: false,
             long: false,
+            prefetch: false,
             q_strides: [0; 3],
             out_strides: [0; 3],
         }
@@ -1252,5 +1267,52 @@ mod tests {
             assert!((splits - 1) * chunk < tiles, "an empty split: {tiles} {units}");
             assert!(splits == 1 || units * splits <= per_sm * sms, "more than one wave: {tiles} {units}");
         }
+    }
+
+    #[test]
+    fn only_grids_of_one_wave_prefetch_their_first_tiles() {
+        // Qwen3.5 shapes (16/2, D = 256) of `batch` sequences of up to `max` tokens, contiguous.
+        let qwen = |batch: i64, max: i64| {
+            let token = 2 * 256;
+            let k = CacheTensor { ptr: 0, stride_seq: max * token, stride_token: token, stride_head: 256, elems: 0 };
+            let k = CacheTensor { elems: batch * max * token, ..k };
+            let strides = [16 * 256, 16 * 256, 256];
+            DecodeArgs {
+                q: 0,
+                q_strides: strides,
+                k,
+                v: k,
+                layout: CacheLayout::Contiguous,
+                seq_lens: 0,
+                out: 0,
+                out_strides: strides,
+                lse: 0,
+                workspace: 0,
+                workspace_bytes: 0,
+                batch,
+                q_len: 1,
+                num_q_heads: 16,
+                num_kv_heads: 2,
+                head_dim: 256,
+                max_seq_len: max,
+                window: None,
+                causal: true,
+                scale: 0.0625,
+                softcap: None,
+            }
+        };
+        let (h100, sm120) = (device(132, 228), device(170, 100));
+        let plan = |a: &DecodeArgs, d: &DeviceInfo| validate_shape_only(a, Some(d)).expect("a valid shape");
+        // One sequence spread one CTA per SM (128 CTAs), the long variant included; B = 64 at 4K (384 of 396
+        // slots); sm_120's one CTA per SM.
+        for a in [qwen(1, 32768), qwen(1, 4096), qwen(64, 4096)] {
+            assert!(plan(&a, &h100).prefetch && plan(&a, &sm120).prefetch, "B={} max={}", a.batch, a.max_seq_len);
+        }
+        assert!(plan(&qwen(1, 32768), &h100).long);
+        // 250 sequences (500 units, one split each) are more CTAs than the H100's 396 slots; on sm_120's 170
+        // SMs, 85 sequences fit one wave and 86 do not. The CPU backend launches nothing.
+        assert!(!plan(&qwen(250, 4096), &h100).prefetch && !plan(&qwen(86, 4096), &sm120).prefetch);
+        assert!(plan(&qwen(85, 4096), &sm120).prefetch);
+        assert!(!validate_shape_only(&qwen(1, 4096), None).expect("a valid shape").prefetch);
     }
 }

@@ -59,6 +59,9 @@ constexpr int DECODE_Q_FIRST = 2;
 // Tests only (ops::attention::skew_length_hint): the window's length hint is made wrong (hint / 2 + split),
 // so that the tests reach the path that issues the first tiles again.
 constexpr int DECODE_SKEW_HINT = 4;
+// Before the PDL wait the CTA asks L2 for the lines of the tiles it copies right after it (its streams' first
+// AHEAD tiles, prefetch_first_tiles): set where every CTA of the grid is resident from the start.
+constexpr int DECODE_PREFETCH = 8;
 
 SPK_DEVICE float neg_inf() { return __int_as_float(0xff800000); }
 
@@ -92,6 +95,44 @@ SPK_DEVICE void zero_partials(const DecodeParams& p, int b, int hkv, int row0, i
     }
 }
 
+// Before the PDL wait: asks L2 for every 128-byte line of K and V of the first `tiles` tiles of N keys from
+// key `begin` (keys below `limit` only), by all threads of the block, so that the DRAM reads of the first
+// tiles overlap the end of the kernel before, whose CTAs still run. Nothing is read into the SM: a line
+// fetched early is never stale, since L2 is where that kernel's writes land. A page id is read the same way,
+// as a hint: a stale one only fetches a line that is not used, and one outside [0, num_pages) nothing. At most
+// MAX_LINES lines per thread (the rest are left to the tiles' own copies), each thread's page ids loaded
+// before any is used.
+template <int D, int N, int THREADS>
+SPK_DEVICE void prefetch_first_tiles(const DecodeParams& p, int b, int hkv, int begin, int limit, int tiles) {
+    constexpr int ROW_LINES = D * 2 / 128;  // 128-byte lines of one key's row
+    constexpr int MAX_LINES = 4;
+    const int lines = min(tiles * N * ROW_LINES, THREADS * MAX_LINES);
+    i64 k_off[MAX_LINES], v_off[MAX_LINES];
+    bool ok[MAX_LINES];
+#pragma unroll
+    for (int u = 0; u < MAX_LINES; ++u) {
+        const int e = threadIdx.x + u * THREADS;
+        const int j = begin + e / ROW_LINES, line = e % ROW_LINES;
+        ok[u] = e < lines && j < limit;
+        i64 slot = b, token = j;
+        if (p.page_table != nullptr) {
+            slot = ok[u] ? *reinterpret_cast<const volatile int*>(p.page_table + (i64)b * p.page_table_stride +
+                                                                  (j >> p.page_shift))
+                         : 0;
+            token = j & ((1 << p.page_shift) - 1);
+        }
+        k_off[u] = slot * p.k_stride_seq + token * p.k_stride_token + (i64)hkv * p.k_stride_head + line * 64;
+        v_off[u] = slot * p.v_stride_seq + token * p.v_stride_token + (i64)hkv * p.v_stride_head + line * 64;
+        if (p.page_table != nullptr) ok[u] = ok[u] && slot >= 0 && slot < p.num_pages;
+    }
+#pragma unroll
+    for (int u = 0; u < MAX_LINES; ++u) {
+        if (!ok[u]) continue;
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(p.k + k_off[u]));
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(p.v + v_off[u]));
+    }
+}
+
 // Flash decode on tensor cores.
 //
 // One CTA handles one (sequence, KV head, chunk of 16 rows) = blockIdx.x and one split = blockIdx.y (rows
@@ -116,7 +157,9 @@ SPK_DEVICE void zero_partials(const DecodeParams& p, int b, int hkv, int row0, i
 // exposed), so the prologue and epilogue are short. Without a window a split's key range does not depend
 // on the sequence length: its first tiles are issued right after the PDL wait, while the length is read
 // (one that turns out to lie past the sequence is only waited for); with a window they are issued from
-// the length read before the wait as a hint (see the kernel). At the end each lane writes its fragment
+// the length read before the wait as a hint (see the kernel). Where the whole grid is resident from the start
+// (DECODE_PREFETCH), the lines of those first tiles are asked of L2 before the wait, while the kernel before
+// ends and DRAM is otherwise idle (prefetch_first_tiles). At the end each lane writes its fragment
 // rows g and g + 8 from registers: the output, or with splits the fp32 partials and lse for the combine.
 // With one stream (D = 512) each warp writes its D / SLICES dims. With several and splits, each stream may
 // write its own partial (DECODE_STREAM_PARTIALS, which ops::attention sets where a CTA holds at most 8
@@ -380,14 +423,11 @@ __global__ void __launch_bounds__(DecodeMma<D, LONG>::THREADS, 1)
     int hint = 0;
     if (p.window > 0) hint = *reinterpret_cast<const volatile int*>(p.seq_lens + b);
     if (p.flags & DECODE_SKEW_HINT) hint = hint / 2 + split;
-    // Launched with programmatic dependent launch: nothing else is read before this wait.
-    pdl_wait();
-    const int seq_len = p.seq_lens[b];
-    // The stream's first AHEAD tiles are issued while the length is read: [0, issued), those that start in
-    // the split as far as it is known by then. Without a window the split's keys start at split *
-    // chunk_keys whatever the length, below max_len; with one they start where the hint places them, below
-    // the hint. Those at or past my_tiles, known once the length is, lie past the sequence: they are only
-    // waited for, so that no copy into the rings is outstanding when the CTA exits or the rings become
+    // The stream's first AHEAD tiles are issued while the length is read (after the wait): [0, issued), those
+    // that start in the split as far as it is known by then. Without a window the split's keys start at
+    // split * chunk_keys whatever the length, below max_len; with one they start where the hint places them,
+    // below the hint. Those at or past my_tiles, known once the length is, lie past the sequence: they are
+    // only waited for, so that no copy into the rings is outstanding when the CTA exits or the rings become
     // Merge.
     // A length clamped to [0, max_len], and the first key any row of a sequence of that length sees.
     auto clamp_len = [&](int l) { return min(max(l, 0), p.max_len); };
@@ -399,6 +439,12 @@ __global__ void __launch_bounds__(DecodeMma<D, LONG>::THREADS, 1)
         early_begin += first_key(hint_len) & ~(T::N - 1);
         early_limit = min(early_begin + p.chunk_keys, hint_len);
     }
+    // The first tiles as far as they are known, asked of L2 while the kernel before ends (DECODE_PREFETCH).
+    if (p.flags & DECODE_PREFETCH)
+        prefetch_first_tiles<D, T::N, T::THREADS>(p, b, hkv, early_begin, early_limit, T::AHEAD * T::STREAMS);
+    // Launched with programmatic dependent launch: nothing else is read before this wait.
+    pdl_wait();
+    const int seq_len = p.seq_lens[b];
     // LONG: this lane's A fragments of q (row g, dims 16 kk + 2c, + 1 and 16 kk + 8 + 2c, + 1), zero past the
     // CTA's rows.
     unsigned q_frag[LONG ? D / 16 : 1][2];

@@ -3,7 +3,7 @@
 # the GPU machine, one call. The landing build prefetches, in every CTA of a grid that fits one wave, the tiles
 # the CTA copies right after the wait (AHEAD per stream: 3 in the long variant, 1 in the default kernels at
 # D >= 128). .gpu/x is the experiment build of branch decode-prewait (cd11b00), whose SPARKINFER_EXP_PRE=N
-# prefetches N tiles per stream in every kernel: N = 2, 3 show whether the default kernels gain from more.
+# prefetches N tiles per stream in every kernel: N = 3 shows whether the default kernels gain from more.
 # Here: bash bench/stage.sh on prewait-land; main's sparkinfer and libsparkinfer.so (stripped) into .gpu/m/;
 # decode-prewait's sparkinfer into .gpu/x/; cp bench/exp_prewait_land.sh .gpu/run.sh.
 # There: bash .gpu/run.sh (carry .gpu). Logs go to $OUT.
@@ -14,7 +14,7 @@
 #   met), paged -0.8 to -1.6; every other single-sequence row -0.3 to -1.5 (its first tiles overlap the
 #   combine before it); Tq = 4 -0.3 to -1.5; B = 16 and B = 64 within +-2%; the hd512 rows, whose sm_90 code
 #   moved from 233 to 223 registers, possibly 0.5-1.0 us less gain than the others.
-# - x with 2 and 3 tiles: the long-variant rows as land's with 3; the default kernels' rows within +-0.3 us of
+# - x with 3 tiles: the long-variant rows as land's with 3; the default kernels' rows within +-0.3 us of
 #   land's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +29,7 @@ bench() { # build dir, PRE, log
     --quick --only attention >"$OUT/$3.log" 2>&1
   echo "rc=$? $3 $SECONDS s"
 }
-runs=(main_1 land_1 x2_1 x3_1 main_2 land_2)
+runs=(main_1 land_1 x3_1 main_2 land_2)
 for r in "${runs[@]}"; do
   case $r in main_*) bench .gpu/m 0 "$r" ;; land_*) bench .gpu 0 "$r" ;; x*) n=${r#x}; bench .gpu/x "${n%_*}" "$r" ;; esac
 done

@@ -159,6 +159,7 @@ fn split_plan(tiles: usize, units: usize, sms: usize, ctas_per_sm: usize) -> (us
     let chunk = tiles.div_ceil(wanted);
     (tiles.div_ceil(chunk), chunk)
 }
+
 /// Whether a grid of `ctas` CTAs is resident at once on `sms` SMs that hold `per_sm` each (Plan::prefetch).
 fn one_wave(ctas: usize, sms: usize, per_sm: usize) -> bool {
     ctas <= sms * per_sm

@@ -98,38 +98,30 @@ SPK_DEVICE void zero_partials(const DecodeParams& p, int b, int hkv, int row0, i
 // Before the PDL wait: asks L2 for every 128-byte line of K and V of the first `tiles` tiles of N keys from
 // key `begin` (keys below `limit` only), by all threads of the block, so that the DRAM reads of the first
 // tiles overlap the end of the kernel before, whose CTAs still run. Nothing is read into the SM: a line
-// fetched early is never stale, since L2 is where that kernel's writes land. A page id is read the same way,
-// as a hint: a stale one only fetches a line that is not used, and one outside [0, num_pages) nothing. At most
-// MAX_LINES lines per thread (the rest are left to the tiles' own copies), each thread's page ids loaded
-// before any is used.
+// fetched early is never stale, since L2 is where that kernel's writes land. A page id (cache_offset) is read
+// the same way, as a hint: a stale one only fetches a line that is not used, and one outside [0, num_pages)
+// nothing. At most MAX_LINES lines per thread (the rest are left to the tiles' own copies), each thread's
+// offsets found before any line is asked for.
 template <int D, int N, int THREADS>
 SPK_DEVICE void prefetch_first_tiles(const DecodeParams& p, int b, int hkv, int begin, int limit, int tiles) {
     constexpr int ROW_LINES = D * 2 / 128;  // 128-byte lines of one key's row
     constexpr int MAX_LINES = 4;
     const int lines = min(tiles * N * ROW_LINES, THREADS * MAX_LINES);
     i64 k_off[MAX_LINES], v_off[MAX_LINES];
-    bool ok[MAX_LINES];
 #pragma unroll
     for (int u = 0; u < MAX_LINES; ++u) {
         const int e = threadIdx.x + u * THREADS;
         const int j = begin + e / ROW_LINES, line = e % ROW_LINES;
-        ok[u] = e < lines && j < limit;
-        i64 slot = b, token = j;
-        if (p.page_table != nullptr) {
-            slot = ok[u] ? *reinterpret_cast<const volatile int*>(p.page_table + (i64)b * p.page_table_stride +
-                                                                  (j >> p.page_shift))
-                         : 0;
-            token = j & ((1 << p.page_shift) - 1);
-        }
-        k_off[u] = slot * p.k_stride_seq + token * p.k_stride_token + (i64)hkv * p.k_stride_head + line * 64;
-        v_off[u] = slot * p.v_stride_seq + token * p.v_stride_token + (i64)hkv * p.v_stride_head + line * 64;
-        if (p.page_table != nullptr) ok[u] = ok[u] && slot >= 0 && slot < p.num_pages;
+        const bool ok = e < lines && j < limit;
+        k_off[u] = ok ? cache_offset(p, b, j, hkv, p.k_stride_seq, p.k_stride_token, p.k_stride_head) : -1;
+        v_off[u] = ok ? cache_offset(p, b, j, hkv, p.v_stride_seq, p.v_stride_token, p.v_stride_head) : -1;
+        if (k_off[u] >= 0) k_off[u] += line * 64;
+        if (v_off[u] >= 0) v_off[u] += line * 64;
     }
 #pragma unroll
     for (int u = 0; u < MAX_LINES; ++u) {
-        if (!ok[u]) continue;
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(p.k + k_off[u]));
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(p.v + v_off[u]));
+        if (k_off[u] >= 0) asm volatile("prefetch.global.L2 [%0];" ::"l"(p.k + k_off[u]));
+        if (v_off[u] >= 0) asm volatile("prefetch.global.L2 [%0];" ::"l"(p.v + v_off[u]));
     }
 }
 

@@ -11,9 +11,9 @@
 //! each pair of warps splitting the output dims, streams its own keys, 16 at a time by two TMA copies
 //! through tensor maps of the K and V caches encoded per launch (`cache_tensor_map`). One long sequence at
 //! D = 256 (Qwen3.5 ctx 16384 and up) takes the long variant `flash_decode_mma_kernel<256, true>`: two warps
-//! per stream, q in registers and three tiles in flight per stream (`Plan::long_split`). Where the grid fits
-//! one wave, each CTA asks L2 for the tiles it copies first before its PDL wait (`Plan::prefetch`). The split
-//! partials are merged by `attention_combine_kernel`, or where a row has few of them (batches) by
+//! per stream, q in registers and three tiles in flight per stream (`Plan::long_split`). Where the grid is at
+//! most one CTA per SM, each CTA asks L2 for the tiles it copies first before its PDL wait (`Plan::prefetch`).
+//! The split partials are merged by `attention_combine_kernel`, or where a row has few of them (batches) by
 //! `attention_combine_rows_kernel`.
 
 use super::{check_dim, check_ptr, overlaps, Backend, Context, Stream};
@@ -158,11 +158,6 @@ fn split_plan(tiles: usize, units: usize, sms: usize, ctas_per_sm: usize) -> (us
     let wanted = ((ctas_per_sm * sms) / units).clamp(1, tiles.min(MAX_SPLITS));
     let chunk = tiles.div_ceil(wanted);
     (tiles.div_ceil(chunk), chunk)
-}
-
-/// Whether a grid of `ctas` CTAs is resident at once on `sms` SMs that hold `per_sm` each (Plan::prefetch).
-fn one_wave(ctas: usize, sms: usize, per_sm: usize) -> bool {
-    ctas <= sms * per_sm
 }
 
 /// Shared memory a block may use on sm_120 / sm_121; every decode variant stays below it.
@@ -393,11 +388,12 @@ struct Plan {
     q_first: bool,
     /// The long variant of the kernel runs (`flash_decode_mma_kernel<256, true>`, see long_split).
     long: bool,
-    /// Each CTA asks L2 for the lines of its first tiles before the PDL wait (DECODE_PREFETCH): where the
-    /// grid fits one wave of the CTAs the SMs hold, so that every CTA is resident while the kernel before
-    /// ends and DRAM is otherwise idle. On the H100 that took Qwen3.5 ctx 32768 (the long variant, three
-    /// tiles per stream) from 27.26 to 25.70 µs (docs/PERF.md). A CTA of a later wave would start after the
-    /// wait and ask for lines its copies fetch at once.
+    /// Each CTA asks L2 for the lines of its first tiles before the PDL wait (DECODE_PREFETCH), while the
+    /// kernel before ends and DRAM is otherwise idle: where the grid is at most one CTA per SM, so that every
+    /// CTA is resident from the start (a CTA of a later wave would start after the wait and ask for lines its
+    /// copies fetch at once). On the H100 that took Qwen3.5 ctx 32768 from 27.2 to 26.2 µs and the generic
+    /// shape's from 48.3 to 47.5. Grids of two or three CTAs per SM measured slower with it (Gemma 4 local,
+    /// hd512 ctx 4096, Tq = 4: 0.5–0.8 µs; docs/PERF.md), so those go without.
     prefetch: bool,
     q_strides: [usize; 3],
     out_strides: [usize; 3],
@@ -654,7 +650,7 @@ fn validate(a: &DecodeArgs, device: Option<&DeviceInfo>, max_q_len: i64) -> Resu
         shared_bytes: 0,
         q_first: spread.is_some() && d == 256,
         long: false,
-        prefetch: device.is_some() && one_wave(units * splits, sms, if spread.is_some() { 1 } else { ctas_per_sm }),
+        prefetch: device.is_some() && units * splits <= sms,
         q_strides,
         out_strides,
     };
@@ -1271,7 +1267,7 @@ mod tests {
     }
 
     #[test]
-    fn only_grids_of_one_wave_prefetch_their_first_tiles() {
+    fn only_grids_of_one_cta_per_sm_prefetch_their_first_tiles() {
         // Qwen3.5 shapes (16/2, D = 256) of `batch` sequences of up to `max` tokens, contiguous.
         let qwen = |batch: i64, max: i64| {
             let token = 2 * 256;
@@ -1304,16 +1300,17 @@ mod tests {
         };
         let (h100, sm120) = (device(132, 228), device(170, 100));
         let plan = |a: &DecodeArgs, d: &DeviceInfo| validate_shape_only(a, Some(d)).expect("a valid shape");
-        // One sequence spread one CTA per SM (128 CTAs), the long variant included; B = 64 at 4K (384 of 396
-        // slots); sm_120's one CTA per SM.
-        for a in [qwen(1, 32768), qwen(1, 4096), qwen(64, 4096)] {
-            assert!(plan(&a, &h100).prefetch && plan(&a, &sm120).prefetch, "B={} max={}", a.batch, a.max_seq_len);
+        // One sequence: spread one CTA per SM on the H100 (128 CTAs), the long variant included, and sm_120's
+        // one CTA per SM.
+        for a in [qwen(1, 32768), qwen(1, 4096)] {
+            assert!(plan(&a, &h100).prefetch && plan(&a, &sm120).prefetch, "B=1 max={}", a.max_seq_len);
         }
         assert!(plan(&qwen(1, 32768), &h100).long);
-        // 250 sequences (500 units, one split each) are more CTAs than the H100's 396 slots; on sm_120's 170
-        // SMs, 85 sequences fit one wave and 86 do not. The CPU backend launches nothing.
-        assert!(!plan(&qwen(250, 4096), &h100).prefetch && !plan(&qwen(86, 4096), &sm120).prefetch);
-        assert!(plan(&qwen(85, 4096), &sm120).prefetch);
+        // B = 64 at 4K: 384 CTAs, three per SM of the H100, go without; on sm_120 its 128 units take one
+        // split each, at most one CTA per SM. There 85 sequences (170 units) fit on 170 SMs and 86 do not.
+        assert!(!plan(&qwen(64, 4096), &h100).prefetch && plan(&qwen(64, 4096), &sm120).prefetch);
+        assert!(plan(&qwen(85, 4096), &sm120).prefetch && !plan(&qwen(86, 4096), &sm120).prefetch);
+        // The CPU backend launches nothing.
         assert!(!validate_shape_only(&qwen(1, 4096), None).expect("a valid shape").prefetch);
     }
 }

@@ -60,7 +60,7 @@ constexpr int DECODE_Q_FIRST = 2;
 // so that the tests reach the path that issues the first tiles again.
 constexpr int DECODE_SKEW_HINT = 4;
 // Before the PDL wait the CTA asks L2 for the lines of the tiles it copies right after it (its streams' first
-// AHEAD tiles, prefetch_first_tiles): set where every CTA of the grid is resident from the start.
+// AHEAD tiles, prefetch_first_tiles): set where the grid is at most one CTA per SM, all resident from the start.
 constexpr int DECODE_PREFETCH = 8;
 
 SPK_DEVICE float neg_inf() { return __int_as_float(0xff800000); }
@@ -149,7 +149,7 @@ SPK_DEVICE void prefetch_first_tiles(const DecodeParams& p, int b, int hkv, int 
 // exposed), so the prologue and epilogue are short. Without a window a split's key range does not depend
 // on the sequence length: its first tiles are issued right after the PDL wait, while the length is read
 // (one that turns out to lie past the sequence is only waited for); with a window they are issued from
-// the length read before the wait as a hint (see the kernel). Where the whole grid is resident from the start
+// the length read before the wait as a hint (see the kernel). Where the grid is one CTA per SM or fewer
 // (DECODE_PREFETCH), the lines of those first tiles are asked of L2 before the wait, while the kernel before
 // ends and DRAM is otherwise idle (prefetch_first_tiles). At the end each lane writes its fragment
 // rows g and g + 8 from registers: the output, or with splits the fp32 partials and lse for the combine.
